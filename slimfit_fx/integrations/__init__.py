@@ -1,0 +1,1 @@
+"""Integrations: torch.compile backend, HuggingFace Trainer, torch.distributed."""

@@ -1,0 +1,1 @@
+"""Runtime ops called by rewritten graphs."""
