@@ -1,0 +1,736 @@
+"""Static analysis of what a captured graph saves for backward.
+
+Reads a GraphModule from ``slimfit_fx.trace`` (ATen training IR with FakeTensor
+metadata); never mutates it.  Produces the saved-tensor inventory that the
+memory plan (``memory.py``) prices for any frozen set and that the passes read
+to decide what to rewrite.
+
+The single source of truth is ``OP_TABLE``: for each ATen op, a rule that lists
+the tensors autograd keeps for its backward and the condition under which each
+is kept.  A condition names argument positions: the tensor is saved when any of
+those arguments requires grad (empty: whenever the op is recorded at all).  A
+saved tensor is **dynamic** when every argument its condition names is a
+parameter (e.g. a Linear input, kept only for the weight gradient), and
+**static** otherwise (needed to back-propagate whatever is frozen).
+
+Storage is tracked through FakeTensor storages, so a view saved by one op and
+its base saved by another count once, as autograd's memory does.  Ops not in
+the table are assumed to save every tensor argument in full and are reported
+as unknown; nothing saved is ever silently dropped.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import networkx as nx
+import torch
+from torch import fx
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .config import QuantFormat, SlimFitConfig
+
+__all__ = [
+    "Save",
+    "OpContext",
+    "OP_TABLE",
+    "op_key",
+    "rule_for",
+    "SavedUse",
+    "SavedStorage",
+    "GraphAnalysis",
+    "analyze_graph",
+    "layer_parameters",
+    "sdpa_backend",
+    "pruned_layernorm_bytes",
+]
+
+aten = torch.ops.aten
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Save:
+    """One tensor an op keeps for its backward.
+
+    ``source``: ``"arg"`` (argument ``index``), ``"out"`` (output ``index``) or
+    ``"new"`` (a temporary made inside the op, e.g. a dropout mask).
+    ``when``: argument positions; saved iff any of them requires grad.  Empty:
+    saved whenever the op is recorded.
+    ``copy_bytes``: None when the saved tensor shares the storage of its source;
+    else the bytes of a fresh storage (a temporary, a reshape copy, a quantized copy).
+    ``share``: saves of one node with the same tag are one storage.
+    ``role``: the class of activation (``attn_qk``, ``gelu_input``, ...), which
+    selects its SlimFit format and lets the passes find it.
+    """
+
+    source: str
+    index: int = 0
+    when: tuple[int, ...] = ()
+    role: str = "other"
+    copy_bytes: int | None = None
+    share: str | None = None
+    fmt: str = "full"
+    sub: int | None = None  # position inside a list argument (aten.index indices)
+
+
+@dataclass
+class OpContext:
+    """What a rule may consult besides the node: the SlimFit config and parameter roles."""
+
+    config: SlimFitConfig | None
+    is_param: Callable[[fx.Node], bool]
+    param_of: Callable[[fx.Node], "str | None"]
+    frozen_fmt: bool = False  # unused by rules today; reserved for per-layer formats
+
+
+Rule = Callable[[fx.Node, OpContext], list[Save]]
+
+
+def _val(node) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _numel(node) -> int:
+    return _hint(_val(node).numel())
+
+
+def _hint(x) -> int:
+    """Concrete value of a possibly symbolic int (its example value)."""
+    if isinstance(x, torch.SymInt):
+        return x.node.hint if x.node.hint is not None else int(x)
+    return int(x)
+
+
+def _itemsize(node) -> int:
+    return _val(node).dtype.itemsize
+
+
+def _arg(node: fx.Node, i: int, name: str | None = None, default=None):
+    if i < len(node.args):
+        return node.args[i]
+    if name is not None and name in node.kwargs:
+        return node.kwargs[name]
+    return default
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(
+        [_hint(s) for s in t.shape], [_hint(s) for s in t.stride()], dtype=t.dtype, device="meta"
+    )
+
+
+def _reshape_copies(node: fx.Node, shape: list[int]) -> bool:
+    """Whether ``reshape`` of this node's tensor to ``shape`` must copy (decided on meta tensors)."""
+    m = _meta_like(_val(node))
+    return not m.reshape(shape)._is_view()
+
+
+def _fmt_bytes(fmt: QuantFormat | None, numel: int, itemsize: int) -> int:
+    return numel * itemsize if fmt is None else fmt.nbytes(numel)
+
+
+def _no_save(node, ctx):
+    return []
+
+
+def _save_args(*specs: tuple[int, tuple[int, ...]], role="other") -> Rule:
+    """Rule saving argument ``i`` when any argument in its tuple requires grad."""
+
+    def rule(node, ctx):
+        return [Save("arg", i, when, role) for i, when in specs if isinstance(_arg(node, i), fx.Node)]
+
+    return rule
+
+
+def _save_out(role="other", when=()) -> Rule:
+    def rule(node, ctx):
+        return [Save("out", 0, when, role)]
+
+    return rule
+
+
+def _binary_mul(node, ctx):
+    # d(a*b)/da = b, d(a*b)/db = a: each operand is kept only for the other's gradient.
+    saves = []
+    a, b = _arg(node, 0), _arg(node, 1)
+    if isinstance(b, fx.Node) and isinstance(a, fx.Node):
+        saves += [Save("arg", 1, (0,)), Save("arg", 0, (1,))]
+    return saves
+
+
+def _binary_div(node, ctx):
+    a, b = _arg(node, 0), _arg(node, 1)
+    if not isinstance(b, fx.Node):
+        return []
+    saves = [Save("arg", 1, (0, 1))]
+    if isinstance(a, fx.Node):
+        saves.append(Save("arg", 0, (1,)))
+    return saves
+
+
+def _mm_like(a_idx: int, b_idx: int) -> Rule:
+    """mm/bmm/addmm/baddbmm: each matrix operand kept for the other's gradient."""
+
+    def rule(node, ctx):
+        return [Save("arg", a_idx, (b_idx,), "linear_input"), Save("arg", b_idx, (a_idx,), "linear_input")]
+
+    return rule
+
+
+def _linear(node, ctx):
+    """aten.linear(x, W, b): x kept for dW (dynamic), W kept for dx (a parameter, not an activation)."""
+    x = _val(_arg(node, 0))
+    saves = []
+    in_features = _hint(x.shape[-1])
+    copy = None
+    if x.dim() > 2 and _reshape_copies(_arg(node, 0), [-1, in_features]):
+        copy = _numel(_arg(node, 0)) * x.dtype.itemsize
+    role = "ffn_out_input" if _produced_by_gelu(_arg(node, 0)) else "linear_input"
+    fmt_name = "full"
+    if ctx.config is not None and role == "ffn_out_input" and ctx.config.ffn_out_input_format is not None:
+        copy = ctx.config.ffn_out_input_format.nbytes(_numel(_arg(node, 0)))
+        fmt_name = "ffn_out_input"
+    saves.append(Save("arg", 0, (1,), role, copy_bytes=copy, fmt=fmt_name))
+    saves.append(Save("arg", 1, (0,), "weight"))
+    return saves
+
+
+_VIEW_OPS = {
+    "aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand",
+    "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.t", "aten.alias", "aten.flatten",
+    "aten.contiguous", "aten.view_as", "aten.expand_as", "aten.unflatten", "aten.dropout",
+}
+
+
+def _produced_by_gelu(node) -> bool:
+    """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        key = op_key(node.target)
+        if key == "aten.gelu":
+            return True
+        if key in _VIEW_OPS and key != "aten.dropout":
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+def _conv(node, ctx):
+    return [Save("arg", 0, (1,), "conv_input"), Save("arg", 1, (0,), "weight")]
+
+
+def _embedding(node, ctx):
+    return [Save("arg", 1, (0,), "embedding_indices")]
+
+
+def _layer_norm(node, ctx):
+    """layer_norm(x, shape, w, b): x, per-row mean and 1/sigma, kept whenever recorded.
+
+    Under SlimFit pruning, a LayerNorm whose weight is frozen keeps the top
+    ``keep_ratio`` of |normalized x| per row (values and int16/int32 indices)
+    plus 1/sigma; that choice depends on the frozen set, so both variants are
+    listed and the plan picks one (``fmt``: ``ln_full`` / ``ln_pruned``).
+    """
+    x = _val(_arg(node, 0))
+    shape = _arg(node, 1)
+    row = math.prod(_hint(s) for s in shape)
+    rows = _numel(_arg(node, 0)) // max(row, 1)
+    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.dtype
+    stat = rows * stat_dtype.itemsize
+    pruning = ctx.config is not None and ctx.config.prune_layernorm
+    variant = "ln_full" if pruning else "full"
+    full = [
+        Save("arg", 0, (), "layernorm_input", fmt=variant),
+        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="mean", fmt=variant),
+        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="rstd", fmt=variant),
+    ]
+    if not pruning:
+        return full
+    pruned = [
+        Save("new", 0, (), "layernorm_pruned", share="topk", fmt="ln_pruned",
+             copy_bytes=pruned_layernorm_bytes(rows, row, x.dtype, ctx.config.layernorm_keep_ratio)),
+        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="rstd", fmt="ln_pruned"),
+    ]
+    return full + pruned
+
+
+def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
+    """Bytes of a pruned LayerNorm save: top-k values and their column indices per row."""
+    k = max(1, math.ceil(keep_ratio * row))
+    index_bytes = 2 if row <= torch.iinfo(torch.int16).max else 4
+    return rows * k * (dtype.itemsize + index_bytes)
+
+
+def _dropout(node, ctx):
+    """Train-mode dropout keeps its mask: float noise of the input's dtype on CPU, bool on CUDA."""
+    p, train = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
+    if not train or p == 0:
+        return []
+    x = _val(_arg(node, 0))
+    if ctx.config is not None and ctx.config.dropout_without_masks:
+        return [Save("new", 0, (0,), "dropout_mask", copy_bytes=0, fmt="regenerated")]
+    per = 1 if x.device.type in ("cuda", "xpu") else x.dtype.itemsize
+    return [Save("new", 0, (0,), "dropout_mask", copy_bytes=_numel(_arg(node, 0)) * per)]
+
+
+def _native_dropout(node, ctx):
+    return [Save("out", 1, (0,), "dropout_mask")]
+
+
+def sdpa_backend(node: fx.Node) -> str:
+    """Which kernel ``scaled_dot_product_attention`` runs on the graph's device: ``flash``,
+    ``efficient``, ``cudnn`` or ``math``; asked of PyTorch itself with tensors of the node's shapes."""
+    q, k, v = (_val(_arg(node, i)) for i in range(3))
+    mask = _arg(node, 3, "attn_mask")
+    dropout_p = _arg(node, 4, "dropout_p", 0.0)
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = node.kwargs.get("scale", _arg(node, 6))
+    gqa = node.kwargs.get("enable_gqa", _arg(node, 7, default=False))
+    dev = q.device
+
+    def real(t):
+        # Shapes and strides decide the kernel, values don't; empty_strided allocates
+        # without initialising.
+        return torch.empty_strided([_hint(s) for s in t.shape], [_hint(s) for s in t.stride()],
+                                   dtype=t.dtype, device=dev)
+
+    m = real(_val(mask)) if isinstance(mask, fx.Node) else None
+    choice = torch._fused_sdp_choice(real(q), real(k), real(v), m, dropout_p, is_causal,
+                                     scale=scale, enable_gqa=bool(gqa))
+    names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+    return names.get(int(choice), "math")
+
+
+def _sdpa(node, ctx):
+    q, k, v = (_arg(node, i) for i in range(3))
+    qv, kv, vv = _val(q), _val(k), _val(v)
+    mask = _arg(node, 3, "attn_mask")
+    dropout_p = _arg(node, 4, "dropout_p", 0.0)
+    lead = [_hint(s) for s in qv.shape[:-2]]
+    n_q, n_k = _hint(qv.shape[-2]), _hint(kv.shape[-2])
+    probs_numel = math.prod(lead) * n_q * n_k
+    item = qv.dtype.itemsize
+    cfg = ctx.config
+    if cfg is not None and cfg.quantizes_attention:
+        # The quantized attention core keeps Q, K, V and the softmax output in the
+        # formats of the config and regenerates its dropout mask.
+        return [
+            Save("arg", 0, (1,), "attn_qk", copy_bytes=_fmt_bytes(cfg.attn_qk_format, _numel(q), item), fmt="q"),
+            Save("arg", 1, (0,), "attn_qk", copy_bytes=_fmt_bytes(cfg.attn_qk_format, _numel(k), item), fmt="q"),
+            Save("arg", 2, (0, 1), "attn_v", copy_bytes=_fmt_bytes(cfg.attn_v_format, _numel(v), item), fmt="q"),
+            Save("new", 0, (0, 1, 2), "attn_probs", share="probs",
+                 copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, item)),
+        ]
+    backend = sdpa_backend(node)
+    if backend in ("flash", "efficient", "cudnn"):
+        # Fused kernels keep q, k, v, the output and the row log-sum-exp; a boolean
+        # mask is converted to an additive float mask that is kept too.
+        saves = [Save("arg", i, (), "attn_fused_input") for i in range(3)]
+        saves.append(Save("out", 0, (), "attn_output"))
+        saves.append(Save("new", 0, (), "attn_logsumexp", copy_bytes=math.prod(lead) * n_q * 4, share="lse"))
+        if isinstance(mask, fx.Node):
+            mv = _val(mask)
+            if mv.dtype == torch.bool:
+                saves.append(Save("new", 0, (), "attn_mask", copy_bytes=_numel(mask) * item, share="mask"))
+            else:
+                saves.append(Save("arg", 3, (), "attn_mask"))
+        return saves
+    # Math path: q and k^T are scaled copies, softmax output and (in training with
+    # dropout) the float mask and the dropped probabilities are kept; v is folded to
+    # 3-D for bmm, which copies it unless its batch dims merge as a view.
+    batch = math.prod(lead)
+    v_copy = None
+    if _reshape_copies(v, [batch, _hint(vv.shape[-2]), _hint(vv.shape[-1])]):
+        v_copy = _numel(v) * item
+    saves = [
+        Save("new", 0, (1,), "attn_qk", copy_bytes=_numel(q) * item, share="q_scaled"),
+        Save("new", 0, (0,), "attn_qk", copy_bytes=_numel(k) * item, share="k_scaled"),
+        Save("new", 0, (0, 1), "attn_probs", copy_bytes=probs_numel * item, share="probs"),
+        Save("arg", 2, (0, 1), "attn_v", copy_bytes=v_copy),
+    ]
+    if dropout_p > 0:
+        saves.append(Save("new", 0, (0, 1), "dropout_mask", copy_bytes=probs_numel * item, share="mask"))
+        saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="dropped"))
+    else:
+        saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="probs"))
+    return saves
+
+
+def _cross_entropy(node, ctx):
+    """cross_entropy = log_softmax + nll_loss: keeps log-probabilities, target, total weight."""
+    logits = _arg(node, 0)
+    return [
+        Save("new", 0, (0,), "logprobs", copy_bytes=_numel(logits) * _itemsize(logits), share="logp"),
+        Save("arg", 1, (0,), "target"),
+        Save("new", 0, (0,), "other", copy_bytes=_itemsize(logits), share="total_weight"),
+    ]
+
+
+def _gelu(node, ctx):
+    cfg = ctx.config
+    if cfg is not None and cfg.gelu_input_format is not None:
+        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q",
+                     copy_bytes=cfg.gelu_input_format.nbytes(_numel(_arg(node, 0))))]
+    return [Save("arg", 0, (0,), "gelu_input")]
+
+
+def _index(node, ctx):
+    """aten.index(x, [i0, i1, ...]): the index tensors are kept for the gradient of x."""
+    indices = _arg(node, 1) or []
+    return [Save("arg", 1, (0,), "indices", sub=k) for k, t in enumerate(indices) if isinstance(t, fx.Node)]
+
+
+def _where(node, ctx):
+    return [Save("arg", 0, (1, 2), "mask")]
+
+
+# Ops whose output never requires grad (comparisons, factories, metadata checks,
+# integer arithmetic) or that keep nothing for backward.
+NON_DIFFERENTIABLE = {
+    "aten.arange", "aten.ge", "aten.gt", "aten.le", "aten.lt", "aten.eq", "aten.ne", "aten.__and__",
+    "aten.__or__", "aten.bitwise_and", "aten.bitwise_or", "aten.bitwise_not", "aten.logical_not",
+    "aten.logical_and", "aten.logical_or", "aten._assert_tensor_metadata", "aten.new_ones",
+    "aten.new_zeros", "aten.new_full", "aten.new_empty", "aten.ones", "aten.zeros", "aten.full",
+    "aten.empty", "aten.ones_like", "aten.zeros_like", "aten.full_like", "aten.empty_like",
+    "aten.scalar_tensor", "aten.detach", "aten.argmax", "aten.argmin", "aten.sym_size", "aten.sym_numel",
+    "aten._assert_async", "aten._assert_scalar", "aten.lift_fresh_copy", "aten.isinf", "aten.isnan",
+    "aten.tril_indices", "aten.triu_indices", "aten.randint", "aten.rand", "aten.randn", "aten.bernoulli",
+    "wrap_with_set_grad_enabled_false",
+}
+
+_NO_SAVE_OPS = _VIEW_OPS - {"aten.dropout"} | {
+    "aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.stack", "aten.split", "aten.split_with_sizes",
+    "aten.chunk", "aten.unbind", "aten.clone", "aten.to", "aten._to_copy", "aten.type_as", "aten.mean",
+    "aten.sum", "aten.pad", "aten.constant_pad_nd", "aten.tril", "aten.triu", "aten.repeat",
+    "aten.masked_fill_scalar_free", "aten.copy", "aten.fill", "aten.zero", "aten.roll", "aten.narrow",
+    "aten.movedim", "aten.swapaxes", "aten.chunk", "aten.tensor_split", "aten.as_strided", "aten.squeeze_",
+    "aten.unsqueeze_", "aten.diagonal", "aten.flip", "aten.rsub", "getitem",
+}
+
+OP_TABLE: dict[str, Rule] = {
+    **{k: _no_save for k in _NO_SAVE_OPS},
+    "aten.linear": _linear,
+    "aten.addmm": _mm_like(1, 2),
+    "aten.mm": _mm_like(0, 1),
+    "aten.bmm": _mm_like(0, 1),
+    "aten.baddbmm": _mm_like(1, 2),
+    "aten.conv1d": _conv,
+    "aten.conv2d": _conv,
+    "aten.conv3d": _conv,
+    "aten.convolution": _conv,
+    "aten.embedding": _embedding,
+    "aten.layer_norm": _layer_norm,
+    "aten.native_layer_norm": _layer_norm,
+    "aten.dropout": _dropout,
+    "aten.native_dropout": _native_dropout,
+    "aten.scaled_dot_product_attention": _sdpa,
+    "aten.cross_entropy_loss": _cross_entropy,
+    "aten.gelu": _gelu,
+    "aten.silu": _save_args((0, (0,)), role="activation_input"),
+    "aten.relu": _save_out("activation_output", (0,)),
+    "aten.tanh": _save_out("activation_output", (0,)),
+    "aten.sigmoid": _save_out("activation_output", (0,)),
+    "aten.exp": _save_out("activation_output", (0,)),
+    "aten.rsqrt": _save_out("activation_output", (0,)),
+    "aten.sqrt": _save_out("activation_output", (0,)),
+    "aten.softmax": _save_out("attn_probs", (0,)),
+    "aten._softmax": _save_out("attn_probs", (0,)),
+    "aten.log_softmax": _save_out("logprobs", (0,)),
+    "aten._log_softmax": _save_out("logprobs", (0,)),
+    "aten.pow": _save_args((0, (0,))),
+    "aten.log": _save_args((0, (0,))),
+    "aten.abs": _save_args((0, (0,))),
+    "aten.clamp": _save_args((0, (0,))),
+    "aten.clamp_min": _save_args((0, (0,))),
+    "aten.clamp_max": _save_args((0, (0,))),
+    "aten.mul": _binary_mul,
+    "aten.div": _binary_div,
+    "aten.gather": _save_args((2, (0,)), role="indices"),
+    "aten.masked_fill": _save_args((1, (0, 2)), role="mask"),
+    "aten.where": _where,
+    "aten.index": _index,
+}
+
+
+def op_key(target) -> str:
+    """Table key of a graph target: the overload packet name (``aten.linear``)."""
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "name", None)
+    if callable(name):  # OpOverload.name() -> "aten::linear"
+        return name().split(".")[0].replace("::", ".")
+    return str(getattr(target, "__name__", target))
+
+
+def rule_for(node: fx.Node) -> Rule | None:
+    return OP_TABLE.get(op_key(node.target))
+
+
+def _unknown_rule(node, ctx):
+    # Not in the table: assume every tensor argument is saved in full, whenever recorded.
+    return [Save("arg", i, (), "unknown") for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+
+
+# ----------------------------------------------------------------- graph analysis
+
+
+def layer_parameters(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:
+    """SlimFit layers: every parameter with 2+ dims, plus LayerNorm/RMSNorm weights (SLIMFIT.md 1).
+
+    Biases never count.  Norm weights are recognised by name (``norm`` or ``ln`` in the
+    path, ending in ``weight``), which covers HF BERT/ViT/GPT-2/LLaMA naming.
+    """
+    out = []
+    for name, p in named_params:
+        leaf = name.rsplit(".", 1)[-1]
+        if p.dim() >= 2:
+            out.append(name)
+        elif p.dim() == 1 and leaf == "weight":
+            path = name.lower()
+            if "norm" in path or ".ln" in path or path.startswith("ln") or "layernorm" in path:
+                out.append(name)
+    return out
+
+
+@dataclass
+class SavedUse:
+    """One op keeping one tensor for backward."""
+
+    node: str
+    op: str
+    role: str
+    storage: int  # index into GraphAnalysis.storages
+    when: tuple[str, ...]  # node names; saved iff any requires grad (empty: whenever recorded)
+    owners: tuple[str, ...]  # parameter FQNs when the condition names only parameters (dynamic)
+    fmt: str = "full"  # "ln_full"/"ln_pruned" pick a LayerNorm variant by the frozen state
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.owners)
+
+
+@dataclass
+class SavedStorage:
+    """One storage kept for backward (a tensor with several consumers counts once)."""
+
+    index: int
+    producer: str
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+    uses: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GraphAnalysis:
+    """The saved-tensor inventory of one graph, independent of the frozen set."""
+
+    parameters: dict[str, tuple[int, str]]  # fqn -> (bytes, storage id string)
+    layers: list[str]
+    storages: list[SavedStorage]
+    uses: list[SavedUse]
+    unknown_ops: dict[str, int]
+    node_inputs: dict[str, tuple[str, ...]]
+    node_kind: dict[str, str]  # node -> "param:<fqn>" | "input" | "op" | "nograd" | "const"
+    float_out: dict[str, bool]
+    order: list[str]
+    layer_op: dict[str, str]  # node -> nearest preceding layer parameter (for attribution)
+    ln_weight: dict[str, str | None]  # layer_norm node -> its weight FQN
+    graph: nx.DiGraph
+    config: SlimFitConfig | None
+
+    def requires_grad(self, trainable: set[str]) -> dict[str, bool]:
+        """Which node outputs require grad when exactly ``trainable`` parameters do."""
+        rg: dict[str, bool] = {}
+        for name in self.order:
+            kind = self.node_kind[name]
+            if kind.startswith("param:"):
+                rg[name] = kind[6:] in trainable
+            elif kind == "op":
+                rg[name] = self.float_out[name] and any(rg.get(i, False) for i in self.node_inputs[name])
+            else:
+                rg[name] = False
+        return rg
+
+    def active_uses(self, trainable: set[str]) -> list[SavedUse]:
+        """The saves that happen for this trainable set (one entry per op and tensor)."""
+        rg = self.requires_grad(trainable)
+        active = []
+        for use in self.uses:
+            if not rg.get(use.node, False):
+                continue  # the op is not recorded by autograd at all
+            if use.when and not any(rg.get(w, False) for w in use.when):
+                continue
+            if use.fmt in ("ln_full", "ln_pruned"):
+                w = self.ln_weight.get(use.node)
+                frozen = w is not None and w not in trainable
+                if (use.fmt == "ln_pruned") != frozen:
+                    continue
+            active.append(use)
+        return active
+
+
+class _StorageIds:
+    def __init__(self):
+        self.ids: dict = {}
+
+    def get(self, key) -> int | None:
+        return self.ids.get(key)
+
+    def add(self, key) -> int:
+        return self.ids.setdefault(key, len(self.ids))
+
+
+def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None) -> GraphAnalysis:
+    """Build the saved-tensor inventory of ``gm`` (from ``trace``) under ``config`` formats."""
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    param_storage = {}
+    for fqn, p in params.items():
+        param_storage.setdefault(StorageWeakRef(p.untyped_storage()), fqn)
+
+    node_kind: dict[str, str] = {}
+    node_inputs: dict[str, tuple[str, ...]] = {}
+    float_out: dict[str, bool] = {}
+    order: list[str] = []
+    param_node: dict[str, str] = {}
+    storage_key: dict[str, object] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    for n in gm.graph.nodes:
+        order.append(n.name)
+        node_inputs[n.name] = tuple(a.name for a in n.all_input_nodes)
+        val = n.meta.get("val")
+        vals = val if isinstance(val, (tuple, list)) else [val]
+        float_out[n.name] = any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+                                for v in vals)
+        if isinstance(val, torch.Tensor):
+            storage_key[n.name] = StorageWeakRef(val.untyped_storage())
+        if n.op == "get_attr":
+            if n.target in params:
+                node_kind[n.name] = f"param:{n.target}"
+                param_node[n.name] = n.target
+            else:
+                node_kind[n.name] = "const"
+        elif n.op == "placeholder":
+            node_kind[n.name] = "input"
+        elif n.op == "call_function":
+            key = op_key(n.target)
+            if key in NON_DIFFERENTIABLE:
+                node_kind[n.name] = "nograd"
+            elif "wrap_with_set_grad_enabled" in key and n.args and n.args[0] is False:
+                node_kind[n.name] = "nograd"
+            else:
+                node_kind[n.name] = "op"
+        else:
+            node_kind[n.name] = "other"
+
+    root_of: dict = {}  # storage -> the first node that produced it (base of its views)
+    for name in order:
+        if name in storage_key:
+            root_of.setdefault(storage_key[name], name)
+
+    def param_of(node: fx.Node) -> str | None:
+        # Look through views: weight.t() is still the parameter.
+        while isinstance(node, fx.Node):
+            if node.name in param_node:
+                return param_node[node.name]
+            if node.op == "call_function" and op_key(node.target) in _VIEW_OPS - {"aten.dropout"}:
+                node = node.args[0]
+                continue
+            return None
+        return None
+
+    ctx = OpContext(config=config, is_param=lambda n: param_of(n) is not None, param_of=param_of)
+    ids = _StorageIds()
+    storages: list[SavedStorage] = []
+    uses: list[SavedUse] = []
+    unknown: dict[str, int] = {}
+    ln_weight: dict[str, str | None] = {}
+    layers = layer_parameters(params.items())
+    layer_set = set(layers)
+    layer_op: dict[str, str] = {}
+    last_layer: str | None = None
+    graph = nx.DiGraph()
+
+    def storage_for(key, producer: fx.Node, nbytes: int, dtype, shape) -> int:
+        idx = ids.get(key)
+        if idx is None:
+            idx = ids.add(key)
+            storages.append(SavedStorage(idx, producer.name, int(nbytes), str(dtype).replace("torch.", ""),
+                                         tuple(_hint(s) for s in shape)))
+            graph.add_node(f"tensor:{idx}", kind="tensor", producer=producer.name, nbytes=int(nbytes))
+            graph.add_edge(f"op:{producer.name}", f"tensor:{idx}")
+        return idx
+
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        graph.add_node(f"op:{n.name}", kind="op", target=op_key(n.target))
+        for a in n.all_input_nodes:
+            fqn = param_of(a)
+            if fqn is not None:
+                graph.add_edge(f"layer:{fqn}", f"op:{n.name}")
+                if fqn in layer_set:
+                    last_layer = fqn
+        if last_layer is not None:
+            layer_op[n.name] = last_layer
+        if node_kind[n.name] != "op":
+            continue
+        key = op_key(n.target)
+        rule = OP_TABLE.get(key)
+        if rule is None:
+            if not float_out[n.name]:
+                continue  # integer/bool results never require grad: nothing to save
+            unknown[key] = unknown.get(key, 0) + 1
+            rule = _unknown_rule
+        if key in ("aten.layer_norm", "aten.native_layer_norm"):
+            ln_weight[n.name] = param_of(_arg(n, 2, "weight")) if _arg(n, 2, "weight") is not None else None
+        for i, save in enumerate(rule(n, ctx)):
+            if save.source == "arg":
+                src = _arg(n, save.index)
+                if save.sub is not None:
+                    src = src[save.sub]
+                if not isinstance(src, fx.Node) or _val(src) is None or param_of(src) is not None:
+                    continue  # parameters are not activations
+                if save.copy_bytes is not None:
+                    sid = storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
+                                      _val(src).dtype, _val(src).shape)
+                else:
+                    sv = _val(src)
+                    sid = storage_for(storage_key[src.name], nodes[root_of[storage_key[src.name]]],
+                                      _hint(sv.untyped_storage().nbytes()), sv.dtype, sv.shape)
+            elif save.source == "out":
+                v = n.meta["val"]
+                v = v[save.index] if isinstance(v, (tuple, list)) else v
+                sid = storage_for(StorageWeakRef(v.untyped_storage()), n, _hint(v.untyped_storage().nbytes()),
+                                  v.dtype, v.shape)
+            else:
+                if save.copy_bytes == 0:
+                    continue  # regenerated from RNG state: nothing kept
+                sid = storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
+                                  _val(n).dtype if _val(n) is not None else "?", ())
+            when_nodes = tuple(_arg(n, j).name for j in save.when if isinstance(_arg(n, j), fx.Node))
+            if save.when and not when_nodes:
+                continue  # the condition names only constants: never requires grad
+            owners = tuple(param_of(nodes[w]) for w in when_nodes)
+            owners = owners if owners and all(o is not None for o in owners) else ()
+            use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt)
+            storages[sid].uses.append(len(uses))
+            uses.append(use)
+            graph.add_edge(f"tensor:{sid}", f"op:{n.name}", role=save.role, dynamic=bool(owners))
+            for o in owners:
+                graph.add_edge(f"layer:{o}", f"tensor:{sid}", requires="trainable")
+
+    param_info = {fqn: (p.numel() * p.element_size(), str(StorageWeakRef(p.untyped_storage()).cdata))
+                  for fqn, p in params.items()}
+    return GraphAnalysis(
+        parameters=param_info, layers=layers, storages=storages, uses=uses, unknown_ops=unknown,
+        node_inputs=node_inputs, node_kind=node_kind, float_out=float_out, order=order, layer_op=layer_op,
+        ln_weight=ln_weight, graph=graph, config=config,
+    )

@@ -1,0 +1,211 @@
+"""Capture: ``nn.Module`` -> ATen-level training-IR ``torch.fx.GraphModule``.
+
+The capture goes through ``torch.export.export(..., strict=False)``: non-strict
+export runs the model's Python as is (HuggingFace forward signatures, config
+branches) and records ATen ops in training IR, which keeps ``aten.dropout`` and
+the composite ops (``linear``, ``layer_norm``, ``scaled_dot_product_attention``)
+that the analysis and the passes match.  Every tensor-valued node carries a
+FakeTensor in ``node.meta["val"]`` (shape, dtype, strides and storage aliasing).
+
+The returned module *is* backed by the user's parameters and buffers: the same
+``nn.Parameter`` objects, so ``requires_grad`` flips made on the user's model
+are seen by the graph, and nothing is copied.
+"""
+from __future__ import annotations
+
+import inspect
+import traceback
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import fx, nn
+
+__all__ = ["TraceError", "trace", "normalize_inputs", "Inputs"]
+
+
+class TraceError(RuntimeError):
+    """The model could not be captured as a graph; the message says what to try."""
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Example inputs split into positional and keyword arguments."""
+
+    args: tuple
+    kwargs: dict
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {f"arg{i}": a for i, a in enumerate(self.args)}
+        named.update(self.kwargs)
+        return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+
+
+def normalize_inputs(example_inputs: Any) -> Inputs:
+    """Accept a dict of keyword arguments, a tuple/list of positional ones, or one tensor."""
+    if isinstance(example_inputs, Inputs):
+        return example_inputs
+    if isinstance(example_inputs, Mapping):
+        return Inputs((), dict(example_inputs))
+    if isinstance(example_inputs, (tuple, list)):
+        return Inputs(tuple(example_inputs), {})
+    if isinstance(example_inputs, torch.Tensor):
+        return Inputs((example_inputs,), {})
+    raise TraceError(
+        f"example_inputs must be a dict of keyword arguments, a tuple of positional "
+        f"arguments or a tensor, got {type(example_inputs).__name__}."
+    )
+
+
+def _wants_no_cache(model: nn.Module, inputs: Inputs) -> bool:
+    """HF decoders return a KV cache object when ``use_cache`` is on; training needs none."""
+    if "use_cache" in inputs.kwargs:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "use_cache" in params and bool(getattr(getattr(model, "config", None), "use_cache", False))
+
+
+def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> tuple | dict:
+    """Batch (dim 0) of every tensor, and sequence (dim 1) of integer token-like tensors.
+
+    ``Dim.AUTO`` lets export specialise a dim the model forces to a constant
+    instead of failing, so marking too much dynamic is harmless.  Export wants
+    the spec shaped like the bound forward() arguments: keywords that the
+    signature does not name go under its ``**kwargs`` parameter.
+    """
+    from torch.export import Dim
+
+    def spec(v):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        dims = {0: Dim.AUTO}
+        if v.dim() >= 2 and not v.is_floating_point():
+            dims[1] = Dim.AUTO
+        return dims
+
+    arg_specs = tuple(spec(a) for a in inputs.args)
+    if not inputs.kwargs:
+        return arg_specs
+    params = inspect.signature(model.forward).parameters
+    var_kw = next((n for n, p in params.items() if p.kind is p.VAR_KEYWORD), None)
+    kw_specs: dict = {}
+    for k, v in inputs.kwargs.items():
+        if k in params or var_kw is None:
+            kw_specs[k] = spec(v)
+        else:
+            kw_specs.setdefault(var_kw, {})[k] = spec(v)
+    if not inputs.args:
+        return kw_specs
+    return (arg_specs, kw_specs)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The innermost frame of the failure that is not inside torch: the model's own line."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        path = fr.filename.replace("\\", "/")
+        if "/torch/" not in path and "/slimfit_fx/" not in path:
+            return f"{fr.filename}:{fr.lineno} in {fr.name}: {(fr.line or '').strip()}"
+    return None
+
+
+def _hints(model: nn.Module, exc: BaseException) -> list[str]:
+    text = f"{type(exc).__name__}: {exc}"
+    hints = []
+    if "DynamicCache" in text or "past_key_values" in text or "Cache" in type(exc).__name__:
+        hints.append("pass use_cache=False in example_inputs (training needs no KV cache)")
+    if "data-dependent" in text or "GuardOnDataDependent" in text or "Could not guard" in text:
+        hints.append(
+            "the model branches on tensor values; pass example inputs whose values take the "
+            "training branch, or move the branch out of forward()"
+        )
+    if "missing" in text and "argument" in text:
+        hints.append("example_inputs must hold every required forward() argument")
+    if hasattr(model, "config"):
+        import transformers
+
+        hints.append(
+            f"slimfit_fx is tested with transformers {transformers.__version__}; if the failure "
+            "is inside transformers, try that version"
+        )
+    hints.append("try trace(model, inputs, dynamic=False) if the failure is about symbolic shapes")
+    return hints
+
+
+def _first_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return msg[0] if msg else type(exc).__name__
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    dynamic: bool = True,
+) -> fx.GraphModule:
+    """Capture ``model`` as an ATen training-IR GraphModule sharing the model's parameters.
+
+    ``example_inputs``: dict of keyword arguments or tuple of positional ones.
+    ``dynamic``: batch and sequence dims symbolic (one graph serves other shapes).
+    The graph is captured in the model's current mode (``model.training``): dropout
+    is kept in train mode.  Raises ``TraceError`` with the model class, the failing
+    construct and what to try when the model cannot be captured.
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
+    inputs = normalize_inputs(example_inputs)
+    kwargs = dict(inputs.kwargs)
+    if _wants_no_cache(model, inputs):
+        kwargs["use_cache"] = False
+    inputs = Inputs(inputs.args, kwargs)
+    shapes = _dynamic_shapes(model, inputs) if dynamic else None
+    try:
+        ep = torch.export.export(model, inputs.args, kwargs, dynamic_shapes=shapes, strict=False)
+        gm = ep.module()
+    except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
+        where = _user_frame(exc)
+        lines = [
+            f"could not capture {type(model).__name__} as a graph: {type(exc).__name__}: {_first_line(exc)}",
+        ]
+        if where:
+            lines.append(f"  failing construct: {where}")
+        lines += [f"  try: {h}" for h in _hints(model, exc)]
+        raise TraceError("\n".join(lines)) from exc
+
+    _share_with_model(gm, model)
+    gm.meta["training"] = model.training
+    gm.meta["example_inputs"] = inputs
+    gm.meta["model_class"] = type(model).__name__
+    missing = [n.name for n in gm.graph.nodes if n.op == "call_function" and "val" not in n.meta]
+    if missing:
+        # Export attaches FakeTensor metadata to every node; a gap means the analysis
+        # would have to guess, which it must not.
+        raise TraceError(f"captured graph of {type(model).__name__} lacks shape metadata on {missing[:5]}")
+    return gm
+
+
+def _share_with_model(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Make the graph hold the very Parameter/buffer objects of ``model`` (no copies)."""
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    originals.update(dict(model.named_buffers(remove_duplicate=False)))
+    for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        orig = originals.get(name)
+        if orig is None or orig is tensor:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        if isinstance(orig, nn.Parameter):
+            owner._parameters[attr] = orig
+        else:
+            owner._buffers[attr] = orig
+
+
+def node_tensor(node: fx.Node) -> torch.Tensor | None:
+    """The FakeTensor recorded for a node, or None when it is not tensor-valued."""
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
