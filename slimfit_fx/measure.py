@@ -1,0 +1,533 @@
+"""Device-independent memory measurement for fine-tuning steps.
+
+Two numbers matter when cutting fine-tuning memory, and both are measured
+here without a GPU, by watching tensors rather than an allocator:
+
+* **Saved bytes** (:func:`measure_saved`, :func:`saved_bytes`): the bytes
+  that autograd keeps alive between forward and backward ("activations").
+  ``fn`` runs inside :class:`torch.autograd.graph.saved_tensors_hooks`; the
+  pack hook sees every tensor a node saves for backward. Each *storage* is
+  counted once (``untyped_storage().nbytes()``), so two views of one buffer,
+  or one tensor saved by two nodes, count once; storages of parameters are
+  left out, because they are alive anyway and are not activations. The hook
+  returns the tensor unchanged, so a backward can still run afterwards.
+
+* **Peak bytes** (:func:`peak_bytes`): the largest number of bytes held by
+  live tensor storages at any moment of one call of ``step_fn`` (forward,
+  backward, optimizer step). A :class:`TorchDispatchMode` sees the output of
+  every ATen op, in forward, in the autograd engine's backward and in the
+  optimizer; each new storage is registered with a weak reference whose
+  callback subtracts its bytes when the storage dies (the technique of
+  ``torch.distributed._tools.mem_tracker``, which is not used directly
+  because it crashes on partially frozen models). Tensors alive before the
+  step (parameters, buffers, gradients, optimizer state, plus any tensors the
+  caller passes) form the baseline and are tracked for freeing too.
+
+What these figures are not:
+
+* They count storages at ATen-op granularity. Scratch memory a kernel
+  allocates internally (without a dispatcher call visible to a Python mode),
+  allocator rounding and caching are invisible; ``cuda_max_allocated`` is
+  reported next to the figure on CUDA for that reason.
+* Only storages first seen as an op *output* during the step, or passed as
+  baseline, are counted. A tensor made before the step and only read by it
+  (e.g. an input batch) is not counted unless passed via ``tensors=``.
+* CPU and CUDA kernels differ (e.g. CPU dropout saves a float mask, CUDA a
+  byte mask): report figures per device type.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+)
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "SavedRecord",
+    "SavedMeasurement",
+    "PeakMeasurement",
+    "measure_saved",
+    "saved_tensors",
+    "saved_bytes",
+    "peak_bytes",
+    "fmt_bytes",
+]
+
+
+# --------------------------------------------------------------------------
+# Storage helpers shared by both measurements
+# --------------------------------------------------------------------------
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """Real storages behind ``t``; [] where there is no real memory.
+
+    Wrapper subclasses are flattened to their inner tensors. Meta and fake
+    tensors hold no memory; sparse/nested tensors have no single storage:
+    all are skipped instead of raising, so a measurement never crashes on an
+    exotic tensor (it just does not count it).
+    """
+    if type(t) in (torch.Tensor, nn.Parameter):
+        pass  # fast path: the dispatch mode calls this for every op output
+    elif is_traceable_wrapper_subclass(t):
+        attrs, _ = t.__tensor_flatten__()
+        inner = (getattr(t, a) for a in attrs)
+        return [s for x in inner if isinstance(x, torch.Tensor) for s in _storages(x)]
+    elif is_fake(t):
+        return []
+    if t.device.type == "meta":
+        return []
+    try:
+        return [t.untyped_storage()]
+    except (RuntimeError, NotImplementedError, TypeError):
+        return []
+
+
+def _tensors_of(obj: Any) -> Iterator[torch.Tensor]:
+    """Tensors in any nesting of dicts/lists/tuples (e.g. optimizer state)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_of(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _tensors_of(v)
+
+
+def fmt_bytes(n: int | float | None) -> str:
+    """Human-readable binary size: ``fmt_bytes(12_900_000) == '12.3 MiB'``."""
+    if n is None:
+        return "n/a"
+    sign, n = ("-" if n < 0 else ""), abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------
+# Saved-for-backward bytes
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedRecord:
+    """One tensor that autograd saved for backward.
+
+    ``storage_ids`` number distinct storages in order of first sighting (a
+    plain tensor has one, a wrapper subclass one per inner tensor, a tensor
+    without real memory none). ``nbytes`` is the size of those storages,
+    whole, not just the viewed part; ``new_bytes`` the part counted here:
+    storages not seen before and not parameters. The saved bytes are the sum
+    of ``new_bytes``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: str
+    nbytes: int
+    new_bytes: int
+    storage_ids: tuple[int, ...]
+    is_parameter: bool
+
+
+@dataclass
+class SavedMeasurement:
+    """``bytes`` saved for backward, ``fn``'s ``result`` (which holds the
+    graph, so a backward can follow) and one record per saved tensor."""
+
+    bytes: int
+    result: Any
+    records: list[SavedRecord] = field(default_factory=list)
+
+
+def _param_iter(params: nn.Module | Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    return params.parameters() if isinstance(params, nn.Module) else params
+
+
+def _ids_allocator() -> Callable[[torch.UntypedStorage], tuple[int, bool]]:
+    """Storage -> (stable id, first sighting), robust to address reuse.
+
+    Keyed by ``id()`` of the storage's Python object (PyTorch keeps one
+    Python object per live storage); a weak reference confirms the key still
+    names the same storage, so a storage freed during ``fn`` and another one
+    later allocated in its place are not merged.
+    """
+    seen: dict[int, tuple[weakref.ref, int]] = {}
+    counter = iter(range(1 << 62))
+
+    def get(st: torch.UntypedStorage) -> tuple[int, bool]:
+        hit = seen.get(id(st))
+        if hit is not None and hit[0]() is st:
+            return hit[1], False
+        sid = next(counter)
+        seen[id(st)] = (weakref.ref(st), sid)
+        return sid, True
+
+    return get
+
+
+def _is_param_by_type(t: torch.Tensor) -> bool:
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
+def _record(
+    t: torch.Tensor,
+    ids: Callable[[torch.UntypedStorage], tuple[int, bool]],
+    param_ids: set[int],
+    by_type: bool,
+) -> SavedRecord:
+    sts = _storages(t)
+    is_param = _is_param_by_type(t) if by_type else any(id(s) in param_ids for s in sts)
+    sids, new_bytes = [], 0
+    for st in sts:
+        sid, first = ids(st)
+        sids.append(sid)
+        new_bytes += st.nbytes() if first and not is_param else 0
+    return SavedRecord(
+        shape=tuple(t.shape),
+        dtype=t.dtype,
+        device=t.device.type,
+        nbytes=sum(st.nbytes() for st in sts),
+        new_bytes=new_bytes,
+        storage_ids=tuple(sids),
+        is_parameter=is_param,
+    )
+
+
+def measure_saved(
+    fn: Callable[[], Any], params: nn.Module | Iterable[torch.Tensor] | None = None
+) -> SavedMeasurement:
+    """Run ``fn()`` and measure the unique storages autograd saved for backward.
+
+    ``params`` selects what is excluded as "parameters": an ``nn.Module``
+    (its parameters) or an iterable of tensors; any saved tensor sharing a
+    storage with one of them is left out. With ``params=None`` a saved tensor
+    is excluded only if it is an ``nn.Parameter`` or a view whose ``_base``
+    is one (``weight.t()`` saved by ``addmm``); a detached alias of a
+    parameter would then be counted, so pass ``params`` when it matters
+    (e.g. for exported graphs whose parameters are plain tensors).
+
+    Every storage saved while ``fn`` runs counts, including any whose graph
+    was freed before ``fn`` returned (if ``fn`` also ran a backward, say).
+    """
+    # Hold the parameter storages themselves: keying on id() is only safe
+    # while the objects are alive.
+    param_storages = (
+        [] if params is None else [s for t in _param_iter(params) for s in _storages(t)]
+    )
+    param_ids = {id(s) for s in param_storages}
+    ids = _ids_allocator()
+    records: list[SavedRecord] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        records.append(_record(t, ids, param_ids, by_type=params is None))
+        return t  # unchanged: the graph stays usable for a later backward
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    total = sum(r.new_bytes for r in records)
+    return SavedMeasurement(bytes=total, result=result, records=records)
+
+
+def saved_tensors(
+    fn: Callable[[], Any], params: nn.Module | Iterable[torch.Tensor] | None = None
+) -> list[SavedRecord]:
+    """The records of :func:`measure_saved` (one per saved tensor), for debugging."""
+    return measure_saved(fn, params).records
+
+
+def saved_bytes(
+    fn: Callable[[], Any], params: nn.Module | Iterable[torch.Tensor] | None = None
+) -> int:
+    """Bytes of unique non-parameter storages saved for backward by ``fn()``."""
+    return measure_saved(fn, params).bytes
+
+
+# --------------------------------------------------------------------------
+# Peak bytes of a whole training step
+# --------------------------------------------------------------------------
+
+# Roles in priority order: a storage that is both (e.g. a gradient that an
+# optimizer also keeps in its state) is reported under the first one.
+_ROLES = ("parameters", "gradients", "optimizer_state", "other")
+
+
+@dataclass
+class PeakMeasurement:
+    """Live-storage bytes over one training step (see :func:`peak_bytes`).
+
+    ``parameters + gradients + optimizer_state + other == peak``: the
+    breakdown is of the storages live at the moment of the peak.
+    ``by_device`` is each device type's own peak (they need not coincide in
+    time). ``cuda_max_allocated`` is the CUDA caching allocator's
+    ``max_memory_allocated()`` for the current device over the step
+    (absolute, not relative to the baseline; it includes kernel scratch
+    space this tracker cannot see) when CUDA tensors were involved, else
+    None.
+    """
+
+    peak: int
+    baseline: int
+    end: int
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    other: int
+    by_device: dict[str, int] = field(default_factory=dict)
+    cuda_max_allocated: int | None = None
+
+    def __int__(self) -> int:
+        return self.peak
+
+
+@dataclass(eq=False)  # identity semantics: entries are compared with `is`
+class _Entry:
+    """One tracked storage. Holds no strong reference to it."""
+
+    nbytes: int
+    device: str
+    role: str = "other"
+    ref: weakref.ref | None = None
+
+
+def _promote(entry: _Entry, role: str) -> None:
+    if _ROLES.index(role) < _ROLES.index(entry.role):
+        entry.role = role
+
+
+class _LiveStorages:
+    """Live storages, the running total and its peak.
+
+    Keyed by ``id()`` of the storage's Python object: PyTorch keeps that
+    object alive exactly as long as the storage, and the weak reference's
+    callback runs when the storage dies, before its id can be reused.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, _Entry] = {}
+        self.current = 0
+        self.peak = 0
+        self.device_now: dict[str, int] = {}
+        self.device_peak: dict[str, int] = {}
+        # The live set at the peak is copied lazily: between a new peak and
+        # the next decrease only additions happen, so copying just before the
+        # first decrease captures the peak set (plus, at most, zero-byte
+        # storages) without copying on every allocation. Sizes are copied
+        # too, because an entry's own count drops to 0 when it dies.
+        self.peak_entries: list[_Entry] = []
+        self.peak_sizes: list[int] = []
+        self._peak_unsaved = False
+
+    def track(self, t: torch.Tensor, role: str = "other") -> None:
+        """Count ``t``'s storages if new; give them ``role`` if it ranks higher."""
+        for st in _storages(t):
+            entry = self.live.get(id(st))
+            if entry is None or entry.ref() is not st:
+                entry = self._add(st)
+            elif st.nbytes() != entry.nbytes:  # resize_ or set_ grew/shrank it
+                self._change(entry, st.nbytes() - entry.nbytes)
+            _promote(entry, role)
+
+    def tag(self, t: torch.Tensor, role: str) -> None:
+        """Like :meth:`track` for storages already counted; others are left
+        alone, since adding them now would misdate them (after the step)."""
+        for st in _storages(t):
+            entry = self.live.get(id(st))
+            if entry is not None and entry.ref() is st:
+                _promote(entry, role)
+
+    def _add(self, st: torch.UntypedStorage) -> _Entry:
+        key = id(st)
+        entry = _Entry(nbytes=0, device=st.device.type)
+        entry.ref = weakref.ref(st, lambda _, k=key, e=entry: self._on_free(k, e))
+        self.live[key] = entry
+        self._change(entry, st.nbytes())
+        return entry
+
+    def _on_free(self, key: int, entry: _Entry) -> None:
+        if self.live.get(key) is entry:
+            self._change(entry, -entry.nbytes)
+            del self.live[key]
+
+    def _change(self, entry: _Entry, delta: int) -> None:
+        if delta < 0 and self._peak_unsaved:
+            self._save_peak_set()
+        entry.nbytes += delta
+        self.current += delta
+        dev = entry.device
+        self.device_now[dev] = self.device_now.get(dev, 0) + delta
+        self.device_peak[dev] = max(self.device_peak.get(dev, 0), self.device_now[dev])
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_unsaved = True
+
+    def restart_peak(self) -> None:
+        """Make the current live set the starting peak (after the baseline)."""
+        self.peak = self.current
+        self.device_peak = dict(self.device_now)
+        self._peak_unsaved = True
+
+    def _save_peak_set(self) -> None:
+        # No GC-tracked allocation while copying: a collection here could
+        # free a storage and re-enter _on_free mid-copy.
+        self._peak_unsaved = False
+        self.peak_entries = list(self.live.values())
+        self.peak_sizes = [e.nbytes for e in self.peak_entries]
+
+    def peak_breakdown(self) -> dict[str, int]:
+        """Bytes live at the peak, by role. Roles are read now, not at the
+        peak, so a storage tagged later (a gradient) is classified as such."""
+        if self._peak_unsaved:
+            self._save_peak_set()
+        out = dict.fromkeys(_ROLES, 0)
+        for e, nbytes in zip(self.peak_entries, self.peak_sizes):
+            out[e.role] += nbytes
+        return out
+
+    def close(self) -> None:
+        # Dropping the weak references cancels their callbacks and breaks the
+        # tracker <-> callback cycle: nothing outlives the measurement.
+        for e in list(self.live.values()):
+            e.ref = None
+        self.live.clear()
+        self.peak_entries, self.peak_sizes = [], []
+
+
+class _TrackingMode(TorchDispatchMode):
+    """Registers the storage of every tensor an ATen op returns.
+
+    Views and in-place ops return an already tracked storage, so they add
+    nothing. The mode also sees the ops of the backward pass (on CPU the
+    engine runs them on the calling thread; device threads inherit the mode
+    stack with the rest of the thread-local state) and those of
+    ``torch.autograd.Function`` forwards and backwards.
+    """
+
+    def __init__(self, live: _LiveStorages) -> None:
+        super().__init__()
+        self.live = live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.live.track(t)
+        return out
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    seen: dict[int, torch.Tensor] = {}
+    for t in tensors:
+        seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def _parameters(model: nn.Module | None, optimizer: torch.optim.Optimizer | None):
+    params = list(model.parameters()) if model is not None else []
+    if optimizer is not None:
+        params += [p for g in optimizer.param_groups for p in g["params"]]
+    return _unique(params)
+
+
+def _known_tensors(params, model, optimizer) -> Iterator[tuple[torch.Tensor, str]]:
+    """(tensor, role) for parameters, their grads, buffers and optimizer state."""
+    for p in params:
+        yield p, "parameters"
+        if p.grad is not None:
+            yield p.grad, "gradients"
+    if model is not None:
+        for b in model.buffers():
+            yield b, "other"
+    if optimizer is not None:
+        for t in _tensors_of(list(optimizer.state.values())):
+            yield t, "optimizer_state"
+
+
+def _grad_hooks(params, live) -> list:
+    """Tag each gradient as it is accumulated, so gradients freed later in
+    the step (``zero_grad(set_to_none=True)``) are still classified."""
+    handles = []
+    for p in params:
+        if p.requires_grad and p.is_leaf:
+            hook = lambda q: live.track(q.grad, "gradients") if q.grad is not None else None
+            handles.append(p.register_post_accumulate_grad_hook(hook))
+    return handles
+
+
+def _cuda_active() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def peak_bytes(
+    step_fn: Callable[[], Any],
+    *,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    tensors: Iterable[torch.Tensor] = (),
+) -> PeakMeasurement:
+    """Peak of live tensor-storage bytes over one call of ``step_fn()``.
+
+    ``step_fn`` is a whole training step (forward, ``backward()``,
+    ``optimizer.step()``, maybe ``zero_grad()``); its return value is dropped
+    so that nothing of the step is kept alive. The baseline is what is live
+    before the step: parameters, gradients and buffers of ``model``,
+    parameters and state of ``optimizer``, and ``tensors`` (e.g. the input
+    batch, if it was made outside ``step_fn``), each storage once.
+
+    Classification at the peak: "parameters" are storages of the model's or
+    optimizer's parameters; "gradients" are storages that were some
+    parameter's ``.grad`` at the start, at the end, or right after autograd
+    accumulated them (a post-accumulate-grad hook), so a gradient freed by
+    ``zero_grad(set_to_none=True)`` inside the step is still a gradient;
+    "optimizer_state" are storages in ``optimizer.state`` at the start or at
+    the end; everything else (activations, temporaries, buffers, inputs) is
+    "other". A gradient buffer an optimizer allocates and frees within the
+    step without attaching it to ``.grad`` counts as "other".
+    """
+    params = _parameters(model, optimizer)
+    live = _LiveStorages()
+    handles: list = []
+    try:
+        for t, role in _known_tensors(params, model, optimizer):
+            live.track(t, role)
+        for t in tensors:
+            live.track(t, "other")
+        baseline = live.current
+        live.restart_peak()
+        handles = _grad_hooks(params, live)
+        if _cuda_active():
+            torch.cuda.reset_peak_memory_stats()
+        with _TrackingMode(live):
+            step_fn()  # result dropped on purpose: it may hold the graph
+        for t, role in _known_tensors(params, model, optimizer):
+            live.tag(t, role)  # grads and state made in the step
+        breakdown = live.peak_breakdown()
+        cuda_peak = (
+            torch.cuda.max_memory_allocated()
+            if "cuda" in live.device_peak and _cuda_active()
+            else None
+        )
+        return PeakMeasurement(
+            peak=live.peak,
+            baseline=baseline,
+            end=live.current,
+            **breakdown,
+            by_device=dict(live.device_peak),
+            cuda_max_allocated=cuda_peak,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+        live.close()
