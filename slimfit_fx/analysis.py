@@ -76,6 +76,7 @@ class Save:
     share: str | None = None
     fmt: str = "full"
     sub: int | None = None  # position inside a list argument (aten.index indices)
+    serves: tuple[int, ...] | None = None  # args whose gradient needs it (default: ``when``)
 
 
 @dataclass
@@ -222,7 +223,13 @@ def _produced_by_gelu(node) -> bool:
 
 
 def _conv(node, ctx):
-    return [Save("arg", 0, (1,), "conv_input"), Save("arg", 1, (0,), "weight")]
+    """Convolution keeps input and weight whenever recorded (one backward formula for all
+    outputs), so a frozen conv with a trainable bias still keeps its input in eager
+    PyTorch; the input only serves the weight gradient, hence dynamic.  The freeze
+    gate makes it conditional on the weight."""
+    gated = ctx.config is not None and ctx.config.freeze_gate
+    return [Save("arg", 0, (1,) if gated else (), "conv_input", serves=(1,)),
+            Save("arg", 1, () if not gated else (0,), "weight", serves=(0,))]
 
 
 def _embedding(node, ctx):
@@ -544,6 +551,7 @@ class GraphAnalysis:
     ln_weight: dict[str, str | None]  # layer_norm node -> its weight FQN
     graph: nx.DiGraph
     config: SlimFitConfig | None
+    aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter name -> canonical name
 
     def requires_grad(self, trainable: set[str]) -> dict[str, bool]:
         """Which node outputs require grad when exactly ``trainable`` parameters do."""
@@ -587,13 +595,23 @@ class _StorageIds:
         return self.ids.setdefault(key, len(self.ids))
 
 
-def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None) -> GraphAnalysis:
-    """Build the saved-tensor inventory of ``gm`` (from ``trace``) under ``config`` formats."""
-    params = dict(gm.named_parameters(remove_duplicate=False))
-    param_storage = {}
-    for fqn, p in params.items():
-        param_storage.setdefault(StorageWeakRef(p.untyped_storage()), fqn)
+def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
+                  model: torch.nn.Module | None = None) -> GraphAnalysis:
+    """Build the saved-tensor inventory of ``gm`` (from ``trace``) under ``config`` formats.
 
+    Tied parameters (one ``nn.Parameter`` under two names, e.g. GPT-2's
+    ``lm_head.weight`` and ``transformer.wte.weight``) are one layer, named as
+    ``model.named_parameters()`` names it (the first name).
+    """
+    source = model if model is not None else gm
+    canonical: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for fqn, p in source.named_parameters(remove_duplicate=False):
+        canonical[fqn] = first_name.setdefault(id(p), fqn)
+    for fqn, p in gm.named_parameters(remove_duplicate=False):
+        canonical.setdefault(fqn, first_name.setdefault(id(p), fqn))
+    params = {fqn: p for fqn, p in gm.named_parameters(remove_duplicate=False) if canonical[fqn] == fqn}
+    all_params = dict(gm.named_parameters(remove_duplicate=False))
     node_kind: dict[str, str] = {}
     node_inputs: dict[str, tuple[str, ...]] = {}
     float_out: dict[str, bool] = {}
@@ -612,9 +630,9 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None) -> Gr
         if isinstance(val, torch.Tensor):
             storage_key[n.name] = StorageWeakRef(val.untyped_storage())
         if n.op == "get_attr":
-            if n.target in params:
-                node_kind[n.name] = f"param:{n.target}"
-                param_node[n.name] = n.target
+            if n.target in all_params:
+                node_kind[n.name] = f"param:{canonical[n.target]}"
+                param_node[n.name] = canonical[n.target]
             else:
                 node_kind[n.name] = "const"
         elif n.op == "placeholder":
@@ -718,7 +736,9 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None) -> Gr
             when_nodes = tuple(_arg(n, j).name for j in save.when if isinstance(_arg(n, j), fx.Node))
             if save.when and not when_nodes:
                 continue  # the condition names only constants: never requires grad
-            owners = tuple(param_of(nodes[w]) for w in when_nodes)
+            serves = save.when if save.serves is None else save.serves
+            serve_nodes = [_arg(n, j) for j in serves if isinstance(_arg(n, j), fx.Node)]
+            owners = tuple(canonical.get(param_of(s_), param_of(s_)) for s_ in serve_nodes)
             owners = owners if owners and all(o is not None for o in owners) else ()
             use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt)
             storages[sid].uses.append(len(uses))
@@ -732,5 +752,5 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None) -> Gr
     return GraphAnalysis(
         parameters=param_info, layers=layers, storages=storages, uses=uses, unknown_ops=unknown,
         node_inputs=node_inputs, node_kind=node_kind, float_out=float_out, order=order, layer_op=layer_op,
-        ln_weight=ln_weight, graph=graph, config=config,
+        ln_weight=ln_weight, graph=graph, config=config, aliases={k: v for k, v in canonical.items() if k != v},
     )

@@ -113,7 +113,10 @@ class MemoryPlan:
         return self.analysis.config
 
     def _check_names(self, names: Iterable[str]) -> set[str]:
-        names = set(names)
+        if isinstance(names, str):
+            raise PlanError("frozen must be a collection of parameter names, not a single string")
+        aliases = self.analysis.aliases
+        names = {aliases.get(n, n) for n in names}
         known = self.analysis.parameters
         bad = sorted(n for n in names if n not in known)
         if bad:
@@ -170,6 +173,9 @@ class MemoryPlan:
             dynamic += nbytes
             # A shared input (Q/K/V) is split evenly among the trainable layers that need it.
             owners = sorted({o for u in uses for o in u.owners if o in trainable})
+            # Eager PyTorch keeps a frozen conv's input anyway (its bias is trainable):
+            # the bytes still belong to that layer.
+            owners = owners or sorted({o for u in uses for o in u.owners})
             share, rest = divmod(nbytes, len(owners))
             for i, o in enumerate(owners):
                 per_layer[o].dynamic_activations += share + (rest if i == 0 else 0)

@@ -13,6 +13,8 @@ are seen by the graph, and nothing is copied.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import traceback
 from dataclasses import dataclass
@@ -163,7 +165,8 @@ def trace(
     inputs = Inputs(inputs.args, kwargs)
     shapes = _dynamic_shapes(model, inputs) if dynamic else None
     try:
-        ep = torch.export.export(model, inputs.args, kwargs, dynamic_shapes=shapes, strict=False)
+        with _hf_eager_mask_decisions():
+            ep = torch.export.export(model, inputs.args, kwargs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
     except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
         where = _user_frame(exc)
@@ -185,6 +188,52 @@ def trace(
         # would have to guess, which it must not.
         raise TraceError(f"captured graph of {type(model).__name__} lacks shape metadata on {missing[:5]}")
     return gm
+
+
+@contextlib.contextmanager
+def _hf_eager_mask_decisions():
+    """Let HF skip an attention mask under export exactly when eager skips it without data.
+
+    Under ``torch.export`` transformers' masking_utils always materialises the
+    attention mask, even when the caller gave none, so the graph would feed SDPA
+    an all-true mask that eager never builds (and SDPA would keep a float copy of
+    it per layer).  When the padding mask is ``None`` the skip decision reads no
+    tensor data, so asking it as eager does is safe; with a real padding mask the
+    export behaviour (materialise) is kept.
+    """
+    try:
+        from transformers import masking_utils as mu
+    except Exception:  # noqa: BLE001 - transformers absent or reorganised: nothing to adjust
+        yield
+        return
+    names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(mu, n)]
+    if not names or not hasattr(mu, "is_torchdynamo_exporting"):
+        yield
+        return
+    originals = {n: getattr(mu, n) for n in names}
+    exporting = mu.is_torchdynamo_exporting
+
+    def eager_when_no_padding(fn):
+        @functools.wraps(fn)
+        def wrapper(padding_mask, *args, **kwargs):
+            if padding_mask is not None:
+                return fn(padding_mask, *args, **kwargs)
+            mu.is_torchdynamo_exporting = lambda: False
+            try:
+                return fn(padding_mask, *args, **kwargs)
+            finally:
+                mu.is_torchdynamo_exporting = exporting
+
+        return wrapper
+
+    for n, fn in originals.items():
+        setattr(mu, n, eager_when_no_padding(fn))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            setattr(mu, n, fn)
+        mu.is_torchdynamo_exporting = exporting
 
 
 def _share_with_model(gm: fx.GraphModule, model: nn.Module) -> None:
