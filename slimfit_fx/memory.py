@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable
 
 from .analysis import GraphAnalysis
+from .measure import fmt_bytes
 
-__all__ = ["OPTIMIZERS", "LayerEstimate", "MemoryEstimate", "MemoryPlan", "PlanError"]
+__all__ = ["OPTIMIZERS", "LayerEstimate", "MemoryEstimate", "MemoryPlan", "PlanError", "MemoryReport", "ReportColumn",
+           "fmt_bytes"]
 
 # Bytes of optimizer state per byte of trainable parameter, and per-parameter extras.
 # AdamW keeps exp_avg and exp_avg_sq (2x) plus a 0-d float32 ``step`` tensor per parameter.
@@ -50,9 +52,11 @@ class LayerEstimate:
 class MemoryEstimate:
     """Predicted bytes of one training step with a given frozen set (all integers).
 
-    ``total`` = parameters + buffers + gradients + optimizer_state + activations: what
-    is resident at the end of the forward pass.  ``peak`` adds the transient
-    gradient buffers of the backward pass (see ``MemoryPlan.predict``).
+    ``total`` = parameters + buffers + gradients + optimizer_state + activations, the
+    sum of the categories (gradients and all saved activations never coexist in
+    full, so a step's real high-water mark is lower); ``peak`` models that
+    high-water mark: the start of backward, with every saved tensor and the first
+    gradient buffers alive (see ``MemoryPlan.predict``).
     """
 
     parameters: int
@@ -67,6 +71,7 @@ class MemoryEstimate:
     frozen_parameters: int
     trainable_parameters: int
     per_layer: dict[str, LayerEstimate] = field(default_factory=dict)
+    by_role: dict[str, int] = field(default_factory=dict)  # saved bytes per activation class
 
     def to_dict(self, per_layer: bool = True) -> dict:
         d = asdict(self)
@@ -160,9 +165,12 @@ class MemoryPlan:
             by_storage.setdefault(use.storage, []).append(use)
         static = dynamic = 0
         largest = 0
+        by_role: dict[str, int] = {}
         for sid, uses in by_storage.items():
             nbytes = a.storages[sid].nbytes
             largest = max(largest, nbytes)
+            role = uses[0].role
+            by_role[role] = by_role.get(role, 0) + nbytes
             statics = [u for u in uses if not u.dynamic]
             if statics:
                 static += nbytes
@@ -195,7 +203,7 @@ class MemoryPlan:
             parameters=params, buffers=self.buffers_bytes, gradients=grads, optimizer_state=state,
             static_activations=static, dynamic_activations=dynamic, activations=acts, total=total, peak=peak,
             frozen_parameters=len(a.parameters) - len(trainable), trainable_parameters=len(trainable),
-            per_layer=per_layer,
+            per_layer=per_layer, by_role=dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
         )
 
     def saved_tensors(self, frozen: Iterable[str] = ()) -> list[dict]:
@@ -230,3 +238,128 @@ class MemoryPlan:
             + est.per_layer[name].dynamic_activations
             for name in self.layers
         }
+
+
+# ------------------------------------------------------------------ the report
+
+
+@dataclass
+class ReportColumn:
+    """One setting in a report: its prediction and, when a step was run, its measurement.
+
+    ``measured`` keys: ``saved_activations`` and ``peak`` (bytes), optionally
+    ``parameters``, ``gradients``, ``optimizer_state``, ``other`` at the peak.
+    """
+
+    name: str
+    estimate: MemoryEstimate
+    measured: dict[str, int] | None = None
+    note: str = ""
+
+
+_ROWS = [
+    ("parameters", "parameters"),
+    ("buffers", "buffers"),
+    ("gradients", "gradients"),
+    ("optimizer state", "optimizer_state"),
+    ("static activations", "static_activations"),
+    ("dynamic activations", "dynamic_activations"),
+    ("saved activations", "activations"),
+    ("sum of the above", "total"),
+    ("peak of a step", "peak"),
+]
+_MEASURED_ROW = {"activations": "saved_activations", "peak": "peak", "parameters": "parameters"}
+
+
+@dataclass
+class MemoryReport:
+    """Plain PyTorch vs SlimFit, predicted (and measured where a step ran), per layer.
+
+    Every figure is labelled predicted or measured; ``render`` gives ``table``,
+    ``markdown`` or ``json``.
+    """
+
+    title: str
+    settings: dict
+    columns: list[ReportColumn]
+    notes: list[str] = field(default_factory=list)
+    layer_names: list[str] = field(default_factory=list)
+    frozen: set[str] = field(default_factory=set)
+
+    def totals_rows(self) -> tuple[list[str], list[list[str]]]:
+        headers = ["bytes"]
+        for col in self.columns:
+            headers.append(f"{col.name}\npredicted")
+            if col.measured is not None:
+                headers += [f"{col.name}\nmeasured", "error"]
+        base = self.columns[0].estimate
+        if len(self.columns) > 1:
+            headers.append(f"{self.columns[-1].name}\n/ {self.columns[0].name}")
+        rows = []
+        for label, attr in _ROWS:
+            row = [label]
+            for col in self.columns:
+                pred = getattr(col.estimate, attr)
+                row.append(fmt_bytes(pred))
+                if col.measured is not None:
+                    meas = col.measured.get(_MEASURED_ROW.get(attr, ""))
+                    row.append(fmt_bytes(meas))
+                    row.append(f"{(pred - meas) / meas * 100:+.1f}%" if meas else "-")
+            if len(self.columns) > 1:
+                last = getattr(self.columns[-1].estimate, attr)
+                first = getattr(base, attr)
+                row.append(f"{last / first:.2f}x" if first else "-")
+            rows.append(row)
+        return headers, rows
+
+    def layer_rows(self) -> tuple[list[str], list[list[str]]]:
+        plain, slim = self.columns[0].estimate, self.columns[-1].estimate
+        headers = ["layer", "state", "parameters", "gradients", "optimizer", "static act.",
+                   f"dynamic act.\n{self.columns[0].name}", f"dynamic act.\n{self.columns[-1].name}"]
+        rows = []
+        for name in self.layer_names:
+            p, s = plain.per_layer[name], slim.per_layer[name]
+            rows.append([name, "frozen" if name in self.frozen else "trained", fmt_bytes(p.parameters),
+                         fmt_bytes(s.gradients), fmt_bytes(s.optimizer_state), fmt_bytes(s.static_activations),
+                         fmt_bytes(p.dynamic_activations), fmt_bytes(s.dynamic_activations)])
+        return headers, rows
+
+    def to_dict(self, per_layer: bool = False) -> dict:
+        return {
+            "title": self.title,
+            "settings": self.settings,
+            "columns": [
+                {"name": c.name, "note": c.note, "predicted": c.estimate.to_dict(per_layer=per_layer),
+                 "measured": c.measured}
+                for c in self.columns
+            ],
+            "frozen": sorted(self.frozen),
+            "notes": self.notes,
+        }
+
+    def render(self, fmt: str = "table", per_layer: bool = False) -> str:
+        if fmt == "json":
+            return json.dumps(self.to_dict(per_layer=per_layer), indent=2)
+        from tabulate import tabulate
+
+        tablefmt = {"table": "simple", "markdown": "github"}.get(fmt)
+        if tablefmt is None:
+            raise ValueError(f"unknown report format {fmt!r}: use table, markdown or json")
+        settings = ", ".join(f"{k}={v}" for k, v in self.settings.items())
+        heading = f"## {self.title}" if fmt == "markdown" else self.title
+        out = [heading, settings, ""]
+        headers, rows = self.totals_rows()
+        if fmt == "markdown":
+            headers = [h.replace("\n", " ") for h in headers]
+        out.append(tabulate(rows, headers=headers, tablefmt=tablefmt, colalign=("left",) + ("right",) * (len(headers) - 1)))
+        for col in self.columns:
+            if col.note:
+                out.append(f"{col.name}: {col.note}")
+        if per_layer:
+            headers, rows = self.layer_rows()
+            if fmt == "markdown":
+                headers = [h.replace("\n", " ") for h in headers]
+            out += ["", tabulate(rows, headers=headers, tablefmt=tablefmt)]
+        if self.notes:
+            out += [""] + [f"* {n}" for n in self.notes]
+        return "\n".join(out)

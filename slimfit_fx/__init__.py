@@ -1,0 +1,26 @@
+"""slimfit_fx: memory-efficient fine-tuning of transformer models through torch.fx.
+
+Public API: ``trace``, ``analyze`` (MemoryPlan before anything runs), ``SlimFitConfig``,
+``MemoryReport``, and the ``measure`` module (device-independent measurement).
+"""
+from . import measure
+from .compiler import analyze
+from .config import ConfigError, QuantFormat, SlimFitConfig
+from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
+from .trace import TraceError, trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "analyze",
+    "trace",
+    "measure",
+    "SlimFitConfig",
+    "QuantFormat",
+    "ConfigError",
+    "MemoryPlan",
+    "MemoryEstimate",
+    "MemoryReport",
+    "PlanError",
+    "TraceError",
+]
