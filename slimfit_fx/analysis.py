@@ -184,6 +184,38 @@ def _mm_like(a_idx: int, b_idx: int) -> Rule:
     return rule
 
 
+def _matmul(node, ctx):
+    """aten.matmul folds its operands to 2-D/3-D and calls mm/bmm, which keep each
+    folded operand for the other's gradient; folding copies when it cannot view."""
+    a, b = _arg(node, 0), _arg(node, 1)
+    av, bv = _val(a), _val(b)
+    ash, bsh = [_hint(s) for s in av.shape], [_hint(s) for s in bv.shape]
+    if len(ash) >= 3 and len(bsh) <= 2:
+        # (..., n, k) @ (k, m): a folds to (-1, k), b is used as is.
+        a_fold = ash, [-1, ash[-1]]
+        b_fold = None
+    elif len(ash) >= 3 or len(bsh) >= 3:
+        # Batched: both operands are broadcast to the common batch and folded to 3-D.
+        batch = list(torch.broadcast_shapes(tuple(ash[:-2]), tuple(bsh[:-2])))
+        nb = math.prod(batch)
+        a_fold = (batch + ash[-2:], [nb] + ash[-2:]) if len(ash) >= 2 else None
+        b_fold = (batch + bsh[-2:], [nb] + bsh[-2:]) if len(bsh) >= 2 else None
+    else:
+        a_fold = b_fold = None
+
+    def copy_bytes(operand, fold):
+        if fold is None:
+            return None
+        expanded, folded = fold
+        m = _meta_like(_val(operand)).expand(expanded)
+        if m.reshape(folded)._is_view():
+            return None
+        return math.prod(folded) * _val(operand).dtype.itemsize
+
+    return [Save("arg", 0, (1,), "matmul_input", copy_bytes=copy_bytes(a, a_fold), share="a"),
+            Save("arg", 1, (0,), "matmul_input", copy_bytes=copy_bytes(b, b_fold), share="b")]
+
+
 def _linear(node, ctx):
     """aten.linear(x, W, b): x kept for dW (dynamic), W kept for dx (a parameter, not an activation)."""
     x = _val(_arg(node, 0))
@@ -423,6 +455,7 @@ _NO_SAVE_OPS = _VIEW_OPS - {"aten.dropout"} | {
 OP_TABLE: dict[str, Rule] = {
     **{k: _no_save for k in _NO_SAVE_OPS},
     "aten.linear": _linear,
+    "aten.matmul": _matmul,
     "aten.addmm": _mm_like(1, 2),
     "aten.mm": _mm_like(0, 1),
     "aten.bmm": _mm_like(0, 1),
@@ -458,7 +491,7 @@ OP_TABLE: dict[str, Rule] = {
     "aten.clamp_max": _save_args((0, (0,))),
     "aten.mul": _binary_mul,
     "aten.div": _binary_div,
-    "aten.gather": _save_args((2, (0,)), role="indices"),
+    "aten.gather": _save_args((0, (0,)), (2, (0,)), role="indices"),
     "aten.masked_fill": _save_args((1, (0, 2)), role="mask"),
     "aten.where": _where,
     "aten.index": _index,
