@@ -159,14 +159,10 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
     inputs = normalize_inputs(example_inputs)
-    kwargs = dict(inputs.kwargs)
-    if _wants_no_cache(model, inputs):
-        kwargs["use_cache"] = False
-    inputs = Inputs(inputs.args, kwargs)
     shapes = _dynamic_shapes(model, inputs) if dynamic else None
     try:
-        with _hf_eager_mask_decisions():
-            ep = torch.export.export(model, inputs.args, kwargs, dynamic_shapes=shapes, strict=False)
+        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs):
+            ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
     except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
         where = _user_frame(exc)
@@ -188,6 +184,21 @@ def trace(
         # would have to guess, which it must not.
         raise TraceError(f"captured graph of {type(model).__name__} lacks shape metadata on {missing[:5]}")
     return gm
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module, inputs: Inputs):
+    """Capture HF decoders with ``config.use_cache`` off: training needs no KV cache, and a
+    cache object in the outputs cannot be exported.  Set on the config rather than passed
+    as an argument, so the graph keeps the forward signature the user calls."""
+    if not _wants_no_cache(model, inputs):
+        yield
+        return
+    model.config.use_cache = False
+    try:
+        yield
+    finally:
+        model.config.use_cache = True
 
 
 @contextlib.contextmanager
