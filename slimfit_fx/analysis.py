@@ -20,6 +20,7 @@ as unknown; nothing saved is ever silently dropped.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass, field
@@ -327,21 +328,28 @@ def sdpa_backend(node: fx.Node) -> str:
     ``efficient``, ``cudnn`` or ``math``; asked of PyTorch itself with tensors of the node's shapes."""
     q, k, v = (_val(_arg(node, i)) for i in range(3))
     mask = _arg(node, 3, "attn_mask")
-    dropout_p = _arg(node, 4, "dropout_p", 0.0)
-    is_causal = _arg(node, 5, "is_causal", False)
-    scale = node.kwargs.get("scale", _arg(node, 6))
-    gqa = node.kwargs.get("enable_gqa", _arg(node, 7, default=False))
-    dev = q.device
+    mv = _val(mask) if isinstance(mask, fx.Node) else None
 
-    def real(t):
-        # Shapes and strides decide the kernel, values don't; empty_strided allocates
-        # without initialising.
-        return torch.empty_strided([_hint(s) for s in t.shape], [_hint(s) for s in t.stride()],
-                                   dtype=t.dtype, device=dev)
+    def sig(t):
+        return None if t is None else (tuple(_hint(s) for s in t.shape), tuple(_hint(s) for s in t.stride()), t.dtype)
 
-    m = real(_val(mask)) if isinstance(mask, fx.Node) else None
-    choice = torch._fused_sdp_choice(real(q), real(k), real(v), m, dropout_p, is_causal,
-                                     scale=scale, enable_gqa=bool(gqa))
+    return _sdpa_choice(
+        str(q.device), sig(q), sig(k), sig(v), sig(mv),
+        float(_arg(node, 4, "dropout_p", 0.0)), bool(_arg(node, 5, "is_causal", False)),
+        node.kwargs.get("scale", _arg(node, 6)), bool(node.kwargs.get("enable_gqa", _arg(node, 7, default=False))),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _sdpa_choice(device, q, k, v, mask, dropout_p, is_causal, scale, gqa) -> str:
+    # Every layer of a model asks the same question: answer it once per signature.
+    # Shapes and strides decide the kernel, values don't; empty_strided allocates
+    # without initialising.
+    def real(sig):
+        return None if sig is None else torch.empty_strided(sig[0], sig[1], dtype=sig[2], device=device)
+
+    choice = torch._fused_sdp_choice(real(q), real(k), real(v), real(mask), dropout_p, is_causal,
+                                     scale=scale, enable_gqa=gqa)
     names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
     return names.get(int(choice), "math")
 
