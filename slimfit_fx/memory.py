@@ -268,7 +268,10 @@ _ROWS = [
     ("sum of the above", "total"),
     ("peak of a step", "peak"),
 ]
-_MEASURED_ROW = {"activations": "saved_activations", "peak": "peak", "parameters": "parameters"}
+# Measured rows: saved activations from saved_bytes; the rest is the breakdown of the
+# step's peak (gradients at that moment may be partial, so they are not shown).
+_MEASURED_ROW = {"activations": "saved_activations", "peak": "peak", "parameters": "parameters",
+                 "optimizer_state": "optimizer_state"}
 
 
 @dataclass
@@ -352,9 +355,9 @@ class MemoryReport:
         if fmt == "markdown":
             headers = [h.replace("\n", " ") for h in headers]
         out.append(tabulate(rows, headers=headers, tablefmt=tablefmt, colalign=("left",) + ("right",) * (len(headers) - 1)))
-        for col in self.columns:
-            if col.note:
-                out.append(f"{col.name}: {col.note}")
+        col_notes = [f"{col.name}: {col.note}" for col in self.columns if col.note]
+        if col_notes:
+            out += [""] + [f"* {n}" for n in col_notes]
         if per_layer:
             headers, rows = self.layer_rows()
             if fmt == "markdown":
