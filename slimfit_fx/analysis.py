@@ -259,8 +259,10 @@ def _conv(node, ctx):
     """Convolution keeps input and weight whenever recorded (one backward formula for all
     outputs), so a frozen conv with a trainable bias still keeps its input in eager
     PyTorch; the input only serves the weight gradient, hence dynamic.  The freeze
-    gate makes it conditional on the weight."""
-    gated = ctx.config is not None and ctx.config.freeze_gate
+    gate (which leaves string paddings such as "same" alone) makes it conditional on
+    the weight."""
+    gated = (ctx.config is not None and ctx.config.freeze_gate
+             and not isinstance(_arg(node, 4, "padding"), str))
     return [Save("arg", 0, (1,) if gated else (), "conv_input", serves=(1,)),
             Save("arg", 1, () if not gated else (0,), "weight", serves=(0,))]
 
@@ -292,17 +294,21 @@ def _layer_norm(node, ctx):
     ]
     if not pruning:
         return full
+    # Frozen weight: only the input's gradient needs anything (the bias gets sum(g)).
     pruned = [
-        Save("new", 0, (), "layernorm_pruned", share="topk", fmt="ln_pruned",
+        Save("new", 0, (0,), "layernorm_pruned", share="topk", fmt="ln_pruned",
              copy_bytes=pruned_layernorm_bytes(rows, row, x.dtype, ctx.config.layernorm_keep_ratio)),
-        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="rstd", fmt="ln_pruned"),
+        Save("new", 0, (0,), "layernorm_stats", copy_bytes=stat, share="rstd", fmt="ln_pruned"),
     ]
     return full + pruned
 
 
 def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
-    """Bytes of a pruned LayerNorm save: top-k values and their column indices per row."""
-    k = max(1, math.ceil(keep_ratio * row))
+    """Bytes of a pruned LayerNorm save: top-k values and their column indices per row
+    (``ops.layernorm`` keeps exactly these)."""
+    from .ops.layernorm import keep_count
+
+    k = keep_count(row, keep_ratio)
     index_bytes = 2 if row <= torch.iinfo(torch.int16).max else 4
     return rows * k * (dtype.itemsize + index_bytes)
 
@@ -314,7 +320,10 @@ def _dropout(node, ctx):
         return []
     x = _val(_arg(node, 0))
     if ctx.config is not None and ctx.config.dropout_without_masks:
-        return [Save("new", 0, (0,), "dropout_mask", copy_bytes=0, fmt="regenerated")]
+        # The mask is replayed from the RNG state in backward: only that state is kept.
+        from .ops.dropout import rng_state_nbytes
+
+        return [Save("new", 0, (0,), "rng_state", copy_bytes=rng_state_nbytes(x.device), share="rng")]
     per = 1 if x.device.type in ("cuda", "xpu") else x.dtype.itemsize
     return [Save("new", 0, (0,), "dropout_mask", copy_bytes=_numel(_arg(node, 0)) * per)]
 
@@ -367,13 +376,24 @@ def _sdpa(node, ctx):
     if cfg is not None and cfg.quantizes_attention:
         # The quantized attention core keeps Q, K, V and the softmax output in the
         # formats of the config and regenerates its dropout mask.
-        return [
-            Save("arg", 0, (1,), "attn_qk", copy_bytes=_fmt_bytes(cfg.attn_qk_format, _numel(q), item), fmt="q"),
-            Save("arg", 1, (0,), "attn_qk", copy_bytes=_fmt_bytes(cfg.attn_qk_format, _numel(k), item), fmt="q"),
-            Save("arg", 2, (0, 1), "attn_v", copy_bytes=_fmt_bytes(cfg.attn_v_format, _numel(v), item), fmt="q"),
-            Save("new", 0, (0, 1, 2), "attn_probs", share="probs",
+        # ops.attention keeps these; a format of None keeps the tensor itself.
+        def kept(i, when, role, fmt):
+            if fmt is None:
+                return Save("arg", i, when, role)
+            return Save("arg", i, when, role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
+
+        saves = [
+            kept(0, (1,), "attn_qk", cfg.attn_qk_format),
+            kept(1, (0,), "attn_qk", cfg.attn_qk_format),
+            kept(2, (0, 1), "attn_v", cfg.attn_v_format),
+            Save("new", 0, (), "attn_probs", share="probs",
                  copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, item)),
         ]
+        if dropout_p > 0:
+            from .ops.dropout import rng_state_nbytes
+
+            saves.append(Save("new", 0, (), "rng_state", copy_bytes=rng_state_nbytes(qv.device), share="rng"))
+        return saves
     backend = sdpa_backend(node)
     if backend in ("flash", "efficient", "cudnn"):
         # Fused kernels keep q, k, v, the output and the row log-sum-exp; a boolean

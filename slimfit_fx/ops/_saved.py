@@ -1,0 +1,59 @@
+"""Packing what an op keeps for backward into ``ctx.save_for_backward``.
+
+Everything kept goes through ``save_for_backward`` (never a bare attribute on
+ctx), so saved-tensor hooks and the memory measurement see every byte, and the
+analysis can predict it.  An item is a tensor, a quantized tensor or None.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantFormat
+from ..quant import Quantized, dequantize, quantize
+
+
+def fmt_from_args(args: tuple | None) -> QuantFormat | None:
+    """Formats travel through FX graphs as plain tuples (printable in generated code)."""
+    return None if args is None else QuantFormat(*args)
+
+
+def fmt_to_args(fmt: QuantFormat | None) -> tuple | None:
+    if fmt is None:
+        return None
+    return (fmt.bits, fmt.kind, fmt.step, fmt.signed, fmt.group_size, fmt.stochastic)
+
+
+def keep(x: torch.Tensor, fmt: QuantFormat | None):
+    """What to keep of ``x``: itself, or its quantized copy."""
+    return x if fmt is None else quantize(x.detach(), fmt)
+
+
+def save(ctx, *items) -> None:
+    tensors, layout = [], []
+    for item in items:
+        if item is None:
+            layout.append(("none", 0, None))
+        elif isinstance(item, Quantized):
+            parts = item.tensors()
+            layout.append(("quant", len(parts), item.meta))
+            tensors.extend(parts)
+        else:
+            layout.append(("tensor", 1, None))
+            tensors.append(item)
+    ctx._slimfit_layout = layout
+    ctx.save_for_backward(*tensors)
+
+
+def load(ctx) -> list:
+    """The items passed to ``save``, quantized ones dequantized."""
+    tensors = list(ctx.saved_tensors)
+    out, i = [], 0
+    for kind, n, meta in ctx._slimfit_layout:
+        if kind == "none":
+            out.append(None)
+        elif kind == "tensor":
+            out.append(tensors[i])
+        else:
+            out.append(dequantize(Quantized.from_tensors(tensors[i:i + n], meta)))
+        i += n
+    return out

@@ -1,0 +1,87 @@
+"""Freeze-gated Linear and Conv.
+
+The gate is the weight's ``requires_grad`` at forward time: a frozen weight
+keeps no input and computes no weight gradient, yet the gradient still flows
+to the input.  Read at run time, so the frozen set may change every step
+without re-capturing.  A Linear may keep its input quantized (the paper's int8
+FFN-out input) while it trains.  Embedding (and a plain Linear) need no
+rewrite: their autograd formulas already keep the indices/input only for the
+weight gradient (checked against autograd in tests/test_op_table.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _saved
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, fmt_args):
+        ctx.has_bias = bias is not None
+        keep_x = _saved.keep(x, _saved.fmt_from_args(fmt_args)) if weight.requires_grad else None
+        _saved.save(ctx, keep_x, weight if x.requires_grad else None)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = _saved.load(ctx)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad @ weight
+        if ctx.needs_input_grad[1]:
+            gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gx, gw, gb, None
+
+
+def gated_linear(x, weight, bias=None, fmt_args=None):
+    """``aten.linear`` whose input is kept (optionally quantized) only while ``weight`` trains."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias, fmt_args)
+
+
+_CONV_GRADS = {
+    1: (torch.nn.grad.conv1d_input, torch.nn.grad.conv1d_weight),
+    2: (torch.nn.grad.conv2d_input, torch.nn.grad.conv2d_weight),
+    3: (torch.nn.grad.conv3d_input, torch.nn.grad.conv3d_weight),
+}
+
+
+class _Conv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        ctx.x_shape, ctx.w_shape = x.shape, weight.shape
+        _saved.save(ctx, x if weight.requires_grad else None, weight if x.requires_grad else None)
+        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = _saved.load(ctx)
+        stride, padding, dilation, groups = ctx.conf
+        grad_input, grad_weight = _CONV_GRADS[len(ctx.w_shape) - 2]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad_input(ctx.x_shape, weight, grad, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            gw = grad_weight(x, ctx.w_shape, grad, stride, padding, dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
+        return gx, gw, gb, None, None, None, None
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def gated_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Convolution that keeps its input only while ``weight`` trains (eager keeps it always)."""
+    conv = _CONV[weight.dim() - 2]
+    if isinstance(padding, str) or not torch.is_grad_enabled() or not any(
+            t is not None and t.requires_grad for t in (x, weight, bias)):
+        return conv(x, weight, bias, stride, padding, dilation, groups)
+    return _Conv.apply(x, weight, bias, stride, padding, dilation, groups)

@@ -1,0 +1,75 @@
+"""LayerNorm that keeps a pruned copy of its normalized input while its weight is frozen.
+
+Trainable weight: the forward and the kept tensors are eager PyTorch's
+(input, per-row mean and 1/sigma), and the backward is ATen's.
+Frozen weight, input needing grad: keep per row the top ``keep_ratio`` of |x_hat| (values and int16
+column indices, int32 past 32,767 columns) plus 1/sigma, where
+x_hat = (x - mean) / sigma.  Backward scatters them into zeros and uses
+grad_x = (1/sigma) * (g*w - mean(g*w) - x_hat * mean(g*w*x_hat))
+(SLIMFIT.md section 6); the bias, which always trains, gets sum(g).  Frozen weight and an input that
+needs no grad (e.g. above frozen embeddings): keep nothing, only sum(g) is due.
+The choice is read at run time, so the frozen set can change every step.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _saved
+
+
+def keep_count(row: int, keep_ratio: float) -> int:
+    """Values kept per row; the analysis prices the same count."""
+    return max(1, math.ceil(keep_ratio * row))
+
+
+class _LayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape, eps, keep_ratio):
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.normalized_shape, ctx.eps = normalized_shape, eps
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        weight_frozen = weight is not None and not weight.requires_grad
+        ctx.mode = "full" if not weight_frozen else ("pruned" if x.requires_grad else "bias_only")
+        ctx.x_shape, ctx.row = x.shape, math.prod(normalized_shape)
+        if ctx.mode == "bias_only":
+            _saved.save(ctx)  # the bias gradient is sum(g): nothing to keep
+        elif ctx.mode == "pruned":
+            row = math.prod(normalized_shape)
+            x_hat = (x.reshape(-1, row) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
+            values, index = x_hat.abs().topk(keep_count(row, keep_ratio), dim=-1, sorted=False)
+            values = x_hat.gather(-1, index).to(x.dtype)
+            index = index.to(torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32)
+            _saved.save(ctx, values, index, rstd, weight)
+        else:
+            _saved.save(ctx, x, mean, rstd, weight, bias)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        gb = grad.reshape(-1, ctx.row).sum(0).reshape(ctx.normalized_shape) if ctx.needs_input_grad[2] else None
+        if ctx.mode == "bias_only":
+            return None, None, gb, None, None, None
+        if ctx.mode == "full":
+            x, mean, rstd, weight, bias = _saved.load(ctx)
+            mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                grad, x, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+            return gx, gw, gb, None, None, None
+        values, index, rstd, weight = _saved.load(ctx)
+        g = grad.reshape(-1, ctx.row).float()
+        x_hat = torch.zeros_like(g).scatter_(-1, index.long(), values.float())
+        gw = g * weight.reshape(1, -1).float()
+        rstd = rstd.reshape(-1, 1)
+        gx = rstd * (gw - gw.mean(-1, keepdim=True) - x_hat * (gw * x_hat).mean(-1, keepdim=True))
+        return gx.to(grad.dtype).reshape(ctx.x_shape), None, gb, None, None, None
+
+
+def layer_norm_pruned(x, normalized_shape, weight=None, bias=None, eps=1e-5, keep_ratio=0.1):
+    """``aten.layer_norm`` whose saved input is pruned while ``weight`` is frozen."""
+    normalized_shape = tuple(int(s) for s in normalized_shape)
+    needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if not needs:
+        return torch.layer_norm(x, normalized_shape, weight, bias, eps)
+    return _LayerNorm.apply(x, weight, bias, normalized_shape, eps, keep_ratio)
