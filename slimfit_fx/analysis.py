@@ -364,6 +364,39 @@ def _sdpa_choice(device, q, k, v, mask, dropout_p, is_causal, scale, gqa) -> str
 
 
 def _sdpa(node, ctx):
+    if ctx.config is not None and quantized_attention_wins(node, ctx.config):
+        return _sdpa_quantized(node, ctx.config)
+    return _sdpa_plain(node)
+
+
+def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
+    """ops.attention keeps Q, K, V and the softmax output in the config's formats (a
+    format of None keeps the tensor itself) and the RNG state instead of a mask."""
+    q, k, v = (_arg(node, i) for i in range(3))
+    qv = _val(q)
+    lead = [_hint(s) for s in qv.shape[:-2]]
+    probs_numel = math.prod(lead) * _hint(qv.shape[-2]) * _hint(_val(k).shape[-2])
+
+    def kept(i, when, role, fmt):
+        if fmt is None:
+            return Save("arg", i, when, role)
+        return Save("arg", i, when, role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
+
+    saves = [
+        kept(0, (1,), "attn_qk", cfg.attn_qk_format),
+        kept(1, (0,), "attn_qk", cfg.attn_qk_format),
+        kept(2, (0, 1), "attn_v", cfg.attn_v_format),
+        Save("new", 0, (), "attn_probs", share="probs",
+             copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, qv.dtype.itemsize)),
+    ]
+    if _arg(node, 4, "dropout_p", 0.0) > 0:
+        from .ops.dropout import rng_state_nbytes
+
+        saves.append(Save("new", 0, (), "rng_state", copy_bytes=rng_state_nbytes(qv.device), share="rng"))
+    return saves
+
+
+def _sdpa_plain(node) -> list[Save]:
     q, k, v = (_arg(node, i) for i in range(3))
     qv, kv, vv = _val(q), _val(k), _val(v)
     mask = _arg(node, 3, "attn_mask")
@@ -372,28 +405,6 @@ def _sdpa(node, ctx):
     n_q, n_k = _hint(qv.shape[-2]), _hint(kv.shape[-2])
     probs_numel = math.prod(lead) * n_q * n_k
     item = qv.dtype.itemsize
-    cfg = ctx.config
-    if cfg is not None and cfg.quantizes_attention:
-        # The quantized attention core keeps Q, K, V and the softmax output in the
-        # formats of the config and regenerates its dropout mask.
-        # ops.attention keeps these; a format of None keeps the tensor itself.
-        def kept(i, when, role, fmt):
-            if fmt is None:
-                return Save("arg", i, when, role)
-            return Save("arg", i, when, role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
-
-        saves = [
-            kept(0, (1,), "attn_qk", cfg.attn_qk_format),
-            kept(1, (0,), "attn_qk", cfg.attn_qk_format),
-            kept(2, (0, 1), "attn_v", cfg.attn_v_format),
-            Save("new", 0, (), "attn_probs", share="probs",
-                 copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, item)),
-        ]
-        if dropout_p > 0:
-            from .ops.dropout import rng_state_nbytes
-
-            saves.append(Save("new", 0, (), "rng_state", copy_bytes=rng_state_nbytes(qv.device), share="rng"))
-        return saves
     backend = sdpa_backend(node)
     if backend in ("flash", "efficient", "cudnn"):
         # Fused kernels keep q, k, v, the output and the row log-sum-exp; a boolean
@@ -427,6 +438,28 @@ def _sdpa(node, ctx):
     else:
         saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="probs"))
     return saves
+
+
+def _saves_bytes(node: fx.Node, saves: list[Save]) -> int:
+    """Bytes a list of saves keeps, counting every input as its own storage."""
+    total = 0
+    for save in saves:
+        if save.copy_bytes is not None:
+            total += save.copy_bytes
+        elif save.source == "arg":
+            total += _numel(_arg(node, save.index)) * _itemsize(_arg(node, save.index))
+        elif save.source == "out":
+            total += _numel(node) * _itemsize(node)
+    return total
+
+
+def quantized_attention_wins(node: fx.Node, config: SlimFitConfig) -> bool:
+    """Whether the quantized attention core keeps fewer bytes than the kernel PyTorch
+    picks (a fused kernel keeps no N x N matrix, so at long sequences it can win).
+    The attention pass and the prediction both ask this one function."""
+    if not config.quantizes_attention:
+        return False
+    return _saves_bytes(node, _sdpa_quantized(node, config)) < _saves_bytes(node, _sdpa_plain(node))
 
 
 def _cross_entropy(node, ctx):
