@@ -235,7 +235,7 @@ def quantize(x: Tensor, fmt: QuantFormat, generator: Optional[torch.Generator] =
     """
     if not isinstance(fmt, QuantFormat):
         raise TypeError(f"fmt must be a QuantFormat, got {fmt!r}")
-    shape, dtype, n = tuple(x.shape), x.dtype, x.numel()
+    shape, dtype = tuple(x.shape), x.dtype
     levels = (1 << fmt.bits) - 1
     if fmt.kind == "fixed":
         if fmt.stochastic or not x.dtype.is_floating_point:
