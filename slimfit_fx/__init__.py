@@ -1,10 +1,12 @@
 """slimfit_fx: memory-efficient fine-tuning of transformer models through torch.fx.
 
-Public API: ``trace``, ``analyze`` (MemoryPlan before anything runs), ``SlimFitConfig``,
-``MemoryReport``, and the ``measure`` module (device-independent measurement).
+Public API: ``compile`` (a drop-in module that trains with far less activation
+memory), ``trace``, ``analyze`` (MemoryPlan before anything runs),
+``SlimFitConfig``, ``MemoryReport``, and the ``measure`` module
+(device-independent measurement).
 """
 from . import measure
-from .compiler import analyze
+from .compiler import SlimFitModule, analyze, compile
 from .config import ConfigError, QuantFormat, SlimFitConfig
 from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
 from .trace import TraceError, trace
@@ -12,6 +14,8 @@ from .trace import TraceError, trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "compile",
+    "SlimFitModule",
     "analyze",
     "trace",
     "measure",

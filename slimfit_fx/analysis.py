@@ -225,7 +225,7 @@ def _linear(node, ctx):
     copy = None
     if x.dim() > 2 and _reshape_copies(_arg(node, 0), [-1, in_features]):
         copy = _numel(_arg(node, 0)) * x.dtype.itemsize
-    role = "ffn_out_input" if _produced_by_gelu(_arg(node, 0)) else "linear_input"
+    role = "ffn_out_input" if produced_by_gelu(_arg(node, 0)) else "linear_input"
     fmt_name = "full"
     if ctx.config is not None and role == "ffn_out_input" and ctx.config.ffn_out_input_format is not None:
         copy = ctx.config.ffn_out_input_format.nbytes(_numel(_arg(node, 0)))
@@ -242,7 +242,7 @@ _VIEW_OPS = {
 }
 
 
-def _produced_by_gelu(node) -> bool:
+def produced_by_gelu(node) -> bool:
     """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)

@@ -118,6 +118,19 @@ class SlimFitConfig:
             dropout_without_masks=False,
         )
 
+    @classmethod
+    def minmax(cls, group_size: int = 128, stochastic: bool = False) -> "SlimFitConfig":
+        """Every feature on, with the paper's bit widths but per-group min/max scaling
+        (``QuantFormat(kind="minmax")``): no clipping and no absolute step, so it
+        suits activations of any scale (e.g. small randomly initialised models)."""
+        base = cls()
+        fmts = {
+            f.name: dataclasses.replace(getattr(base, f.name), kind="minmax", group_size=group_size,
+                                        stochastic=stochastic)
+            for f in dataclasses.fields(cls) if f.name.endswith("_format") and getattr(base, f.name) is not None
+        }
+        return dataclasses.replace(base, **fmts)
+
     @property
     def quantizes_attention(self) -> bool:
         return any(f is not None for f in (self.attn_qk_format, self.attn_v_format, self.attn_probs_format))

@@ -1,0 +1,56 @@
+"""Pass: keep quantized copies of saved activations; forward results unchanged.
+
+Matches, on the op table's roles (slimfit_fx.analysis):
+- ``aten.linear`` fed by a GELU (the FFN-out Linear): emits
+  ``ops.gated.gated_linear(x, W, b, fmt)``, keeping x in ``ffn_out_input_format``
+  while W trains;
+- ``aten.gelu``: emits ``ops.gelu.gelu_quantized`` keeping its input in
+  ``gelu_input_format``;
+- ``aten.scaled_dot_product_attention``: emits ``ops.attention.attention_quantized``
+  keeping Q/K, V and the softmax output in their formats, but only where
+  ``analysis.quantized_attention_wins`` says that keeps fewer bytes than the
+  kernel PyTorch would run (a fused kernel keeps no N x N matrix); the choice
+  is recorded in ``node.meta["slimfit"]`` for the report.
+Rewrites ``gm`` in place and returns it.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from slimfit_fx.analysis import produced_by_gelu, quantized_attention_wins, sdpa_backend
+from slimfit_fx.config import SlimFitConfig
+from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.ops.attention import attention_quantized
+from slimfit_fx.ops.gated import gated_linear
+from slimfit_fx.ops.gelu import gelu_quantized
+
+from ._match import arg, nodes_of, replace_call
+
+
+def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    fmt = config.ffn_out_input_format
+    # FFN-out Linears first: they are found by their GELU producer, before GELUs change.
+    if fmt is not None:
+        for node in nodes_of(gm, "aten.linear"):
+            if produced_by_gelu(node.args[0]):
+                replace_call(node, gated_linear, (node.args[0], node.args[1], arg(node, 2, "bias"), fmt_to_args(fmt)),
+                             note="FFN-out input quantized while trainable")
+    if config.gelu_input_format is not None:
+        for node in nodes_of(gm, "aten.gelu"):
+            replace_call(node, gelu_quantized,
+                         (node.args[0], arg(node, 1, "approximate", "none"), fmt_to_args(config.gelu_input_format)),
+                         note="GELU input quantized")
+    for node in nodes_of(gm, "aten.scaled_dot_product_attention"):
+        if not quantized_attention_wins(node, config):
+            node.meta.setdefault("slimfit", []).append(f"attention kept on the {sdpa_backend(node)} kernel "
+                                                       "(keeps fewer bytes than the quantized core)")
+            continue
+        kwargs = dict(
+            attn_mask=arg(node, 3, "attn_mask"), dropout_p=arg(node, 4, "dropout_p", 0.0),
+            is_causal=arg(node, 5, "is_causal", False), scale=node.kwargs.get("scale"),
+            enable_gqa=node.kwargs.get("enable_gqa", False), qk_fmt=fmt_to_args(config.attn_qk_format),
+            v_fmt=fmt_to_args(config.attn_v_format), p_fmt=fmt_to_args(config.attn_probs_format),
+        )
+        replace_call(node, attention_quantized, tuple(node.args[:3]), kwargs, note="attention core quantized")
+    gm.recompile()
+    return gm
