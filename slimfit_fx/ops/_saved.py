@@ -23,9 +23,24 @@ def fmt_to_args(fmt: QuantFormat | None) -> tuple | None:
     return (fmt.bits, fmt.kind, fmt.step, fmt.signed, fmt.group_size, fmt.stochastic)
 
 
+_GENERATORS: dict[str, torch.Generator] = {}
+
+
+def _rounding_generator(device: torch.device) -> torch.Generator:
+    """A private RNG for stochastic rounding: drawing from the global one would shift
+    every later dropout mask away from eager PyTorch's."""
+    key = str(device)
+    if key not in _GENERATORS:
+        _GENERATORS[key] = torch.Generator(device=device).manual_seed(0x51F17)
+    return _GENERATORS[key]
+
+
 def keep(x: torch.Tensor, fmt: QuantFormat | None):
     """What to keep of ``x``: itself, or its quantized copy."""
-    return x if fmt is None else quantize(x.detach(), fmt)
+    if fmt is None:
+        return x
+    generator = _rounding_generator(x.device) if fmt.stochastic else None
+    return quantize(x.detach(), fmt, generator=generator)
 
 
 def save(ctx, *items) -> None:
