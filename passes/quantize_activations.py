@@ -4,8 +4,12 @@ Matches, on the op table's roles (slimfit_fx.analysis):
 - ``aten.linear`` fed by a GELU (the FFN-out Linear): emits
   ``ops.gated.gated_linear(x, W, b, fmt)``, keeping x in ``ffn_out_input_format``
   while W trains;
+- ``aten.addmm(b, x, W)`` fed by a GELU (GPT-2's Conv1D FFN-out): emits
+  ``gated_linear(x, W.t(), b, fmt)``, which runs the same addmm;
 - ``aten.gelu``: emits ``ops.gelu.gelu_quantized`` keeping its input in
-  ``gelu_input_format``;
+  ``gelu_input_format``; a tanh GELU spelled out in ops
+  (``analysis.match_tanh_gelu``, GPT-2's ``gelu_new``) becomes one
+  ``ops.gelu.tanh_gelu_quantized`` node;
 - ``aten.scaled_dot_product_attention``: emits ``ops.attention.attention_quantized``
   keeping Q/K, V and the softmax output in their formats, but only where
   ``analysis.quantized_attention_wins`` says that keeps fewer bytes than the
@@ -17,14 +21,16 @@ from __future__ import annotations
 
 from torch import fx
 
-from slimfit_fx.analysis import produced_by_gelu, quantized_attention_wins, sdpa_backend
+import torch
+
+from slimfit_fx.analysis import match_tanh_gelu, produced_by_gelu, quantized_attention_wins, sdpa_backend
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention import attention_quantized
 from slimfit_fx.ops.gated import gated_linear
-from slimfit_fx.ops.gelu import gelu_quantized
+from slimfit_fx.ops.gelu import gelu_quantized, tanh_gelu_quantized
 
-from ._match import arg, nodes_of, replace_call
+from ._match import arg, is_parameter, nodes_of, replace_call
 
 
 def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
@@ -35,7 +41,23 @@ def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphM
             if produced_by_gelu(node.args[0]):
                 replace_call(node, gated_linear, (node.args[0], node.args[1], arg(node, 2, "bias"), fmt_to_args(fmt)),
                              note="FFN-out input quantized while trainable")
+        for node in nodes_of(gm, "aten.addmm"):
+            bias, x, weight = node.args[:3]
+            if produced_by_gelu(x) and is_parameter(gm, weight) and not node.kwargs:
+                with gm.graph.inserting_before(node):
+                    weight_t = gm.graph.call_function(torch.ops.aten.t.default, (weight,))
+                replace_call(node, gated_linear, (x, weight_t, bias, fmt_to_args(fmt)),
+                             note="FFN-out input quantized while trainable")
     if config.gelu_input_format is not None:
+        for node in nodes_of(gm, "aten.mul"):
+            match = match_tanh_gelu(node)
+            if match is None:
+                continue
+            x, pattern, consts = match
+            replace_call(node, tanh_gelu_quantized, (x, *consts, fmt_to_args(config.gelu_input_format)),
+                         note="tanh GELU fused, input quantized")
+            for inner in reversed(pattern[:-1]):
+                gm.graph.erase_node(inner)
         for node in nodes_of(gm, "aten.gelu"):
             replace_call(node, gelu_quantized,
                          (node.args[0], arg(node, 1, "approximate", "none"), fmt_to_args(config.gelu_input_format)),

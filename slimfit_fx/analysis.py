@@ -185,6 +185,19 @@ def _mm_like(a_idx: int, b_idx: int) -> Rule:
     return rule
 
 
+def _addmm(node, ctx):
+    """addmm(bias, x, W) (GPT-2's Conv1D): like mm; fed by a GELU it is an FFN-out
+    projection whose input the config may keep quantized while W trains."""
+    saves = _mm_like(1, 2)(node, ctx)
+    fmt = ctx.config.ffn_out_input_format if ctx.config is not None else None
+    if produced_by_gelu(_arg(node, 1)) and ctx.is_param(_arg(node, 2)):
+        first = saves[0]
+        copy = fmt.nbytes(_numel(_arg(node, 1))) if fmt is not None else None
+        saves[0] = Save(first.source, first.index, first.when, "ffn_out_input", copy_bytes=copy,
+                        fmt="ffn_out_input" if fmt is not None else "full")
+    return saves
+
+
 def _matmul(node, ctx):
     """aten.matmul folds its operands to 2-D/3-D and calls mm/bmm, which keep each
     folded operand for the other's gradient; folding copies when it cannot view."""
@@ -242,11 +255,67 @@ _VIEW_OPS = {
 }
 
 
+def _scalar_mul(node, name_value) -> tuple[fx.Node, float] | None:
+    """(tensor, scalar) when ``node`` is ``aten.mul(tensor, scalar)`` (either order)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) == "aten.mul"):
+        return None
+    a, b = node.args[0], node.args[1]
+    if isinstance(a, fx.Node) and isinstance(b, (int, float)):
+        return a, float(b)
+    if isinstance(b, fx.Node) and isinstance(a, (int, float)):
+        return b, float(a)
+    return None
+
+
+def _is(node, key) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) == key
+
+
+def match_tanh_gelu(out: fx.Node) -> tuple[fx.Node, list[fx.Node], tuple] | None:
+    """Match the tanh-approximated GELU written out in ops (GPT-2's ``gelu_new``):
+    ``0.5*x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))``.
+
+    Returns ``(x, pattern nodes in graph order, constants)`` or None.  Every inner
+    node must feed only the pattern, so replacing the output removes them all.
+    The analysis prices a match as one GELU and the quantize pass rewrites it; both
+    call this function.
+    """
+    if not _is(out, "aten.mul") or len(out.args) != 2 or not all(isinstance(a, fx.Node) for a in out.args):
+        return None
+    for half_node, one_plus in (out.args, out.args[::-1]):
+        half = _scalar_mul(half_node, None)
+        if half is None or not _is(one_plus, "aten.add") or one_plus.args[1] != 1.0:
+            continue
+        x, c_half = half
+        tanh = one_plus.args[0]
+        if not _is(tanh, "aten.tanh"):
+            continue
+        inner = _scalar_mul(tanh.args[0], None)
+        if inner is None:
+            continue
+        poly, c_sqrt = inner
+        if not (_is(poly, "aten.add") and poly.args[0] is x):
+            continue
+        cubic = _scalar_mul(poly.args[1], None)
+        if cubic is None or not (_is(cubic[0], "aten.pow") and cubic[0].args[0] is x and cubic[0].args[1] == 3.0):
+            continue
+        c_cubic = cubic[1]
+        if not (c_half == 0.5 and abs(c_sqrt - math.sqrt(2 / math.pi)) < 1e-6 and abs(c_cubic - 0.044715) < 1e-9):
+            continue
+        pow_node, cubic_node = cubic[0], poly.args[1]
+        nodes = [half_node, pow_node, cubic_node, poly, tanh.args[0], tanh, one_plus, out]
+        inner_nodes = nodes[:-1]
+        if any(len(n.users) != 1 for n in inner_nodes):
+            continue
+        return x, nodes, (c_half, c_cubic, c_sqrt)
+    return None
+
+
 def produced_by_gelu(node) -> bool:
     """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)
-        if key == "aten.gelu":
+        if key == "aten.gelu" or match_tanh_gelu(node) is not None:
             return True
         if key in _VIEW_OPS and key != "aten.dropout":
             node = node.args[0]
@@ -486,6 +555,16 @@ def _index(node, ctx):
     return [Save("arg", 1, (0,), "indices", sub=k) for k, t in enumerate(indices) if isinstance(t, fx.Node)]
 
 
+def _fused_gelu_rule(x: fx.Node) -> Rule:
+    """The saves of a matched tanh-GELU chain once fused: its input, in the GELU format."""
+
+    def rule(node, ctx):
+        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q",
+                     copy_bytes=ctx.config.gelu_input_format.nbytes(_numel(x)))]
+
+    return rule
+
+
 def _where(node, ctx):
     return [Save("arg", 0, (1, 2), "mask")]
 
@@ -517,7 +596,7 @@ OP_TABLE: dict[str, Rule] = {
     **{k: _no_save for k in _NO_SAVE_OPS},
     "aten.linear": _linear,
     "aten.matmul": _matmul,
-    "aten.addmm": _mm_like(1, 2),
+    "aten.addmm": lambda node, ctx: _addmm(node, ctx),
     "aten.mm": _mm_like(0, 1),
     "aten.bmm": _mm_like(0, 1),
     "aten.baddbmm": _mm_like(1, 2),
@@ -780,6 +859,21 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             graph.add_edge(f"op:{producer.name}", f"tensor:{idx}")
         return idx
 
+    # A GELU spelled out in ops (GPT-2) is priced as the one GELU the quantize pass
+    # makes of it: its output keeps the quantized input, the inner ops keep nothing.
+    fused: dict[str, tuple] = {}
+    inner: set[str] = set()
+    if config is not None and config.gelu_input_format is not None:
+        for n in gm.graph.nodes:
+            match = match_tanh_gelu(n) if n.op == "call_function" else None
+            if match is not None:
+                x, pattern, _ = match
+                fused[n.name] = (x,)
+                inner.update(p.name for p in pattern[:-1])
+
+    def arg_of(n, j):
+        return fused[n.name][j] if n.name in fused else _arg(n, j)
+
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
@@ -792,10 +886,12 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
                     last_layer = fqn
         if last_layer is not None:
             layer_op[n.name] = last_layer
-        if node_kind[n.name] != "op":
+        if node_kind[n.name] != "op" or n.name in inner:
             continue
         key = op_key(n.target)
         rule = OP_TABLE.get(key)
+        if n.name in fused:
+            key, rule = "aten.gelu", _fused_gelu_rule(fused[n.name][0])
         if rule is None:
             if not float_out[n.name]:
                 continue  # integer/bool results never require grad: nothing to save
@@ -805,7 +901,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             ln_weight[n.name] = param_of(_arg(n, 2, "weight")) if _arg(n, 2, "weight") is not None else None
         for i, save in enumerate(rule(n, ctx)):
             if save.source == "arg":
-                src = _arg(n, save.index)
+                src = arg_of(n, save.index)
                 if save.sub is not None:
                     src = src[save.sub]
                 if not isinstance(src, fx.Node) or _val(src) is None or param_of(src) is not None:
@@ -827,11 +923,11 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
                     continue  # regenerated from RNG state: nothing kept
                 sid = storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
                                   _val(n).dtype if _val(n) is not None else "?", ())
-            when_nodes = tuple(_arg(n, j).name for j in save.when if isinstance(_arg(n, j), fx.Node))
+            when_nodes = tuple(arg_of(n, j).name for j in save.when if isinstance(arg_of(n, j), fx.Node))
             if save.when and not when_nodes:
                 continue  # the condition names only constants: never requires grad
             serves = save.when if save.serves is None else save.serves
-            serve_nodes = [_arg(n, j) for j in serves if isinstance(_arg(n, j), fx.Node)]
+            serve_nodes = [arg_of(n, j) for j in serves if isinstance(arg_of(n, j), fx.Node)]
             owners = tuple(canonical.get(param_of(s_), param_of(s_)) for s_ in serve_nodes)
             owners = owners if owners and all(o is not None for o in owners) else ()
             use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt)

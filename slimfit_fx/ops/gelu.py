@@ -27,3 +27,31 @@ def gelu_quantized(x: torch.Tensor, approximate: str = "none", fmt_args: tuple |
     if not (torch.is_grad_enabled() and x.requires_grad):
         return torch.nn.functional.gelu(x, approximate=approximate)
     return _Gelu.apply(x, approximate, fmt_args)
+
+
+class _TanhGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c_half, c_cubic, c_sqrt, fmt_args):
+        _saved.save(ctx, _saved.keep(x, _saved.fmt_from_args(fmt_args)))
+        return _tanh_gelu_ops(x, c_half, c_cubic, c_sqrt)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = _saved.load(ctx)
+        gx = torch.ops.aten.gelu_backward(grad, x.to(grad.dtype), approximate="tanh")
+        return gx, None, None, None, None
+
+
+def _tanh_gelu_ops(x, c_half, c_cubic, c_sqrt):
+    # The very ops (and constants) the model's graph ran, so results are bit-identical.
+    return (x * c_half) * (torch.tanh((x + torch.pow(x, 3.0) * c_cubic) * c_sqrt) + 1.0)
+
+
+def tanh_gelu_quantized(x: torch.Tensor, c_half: float, c_cubic: float, c_sqrt: float,
+                        fmt_args: tuple | None = None) -> torch.Tensor:
+    """A tanh-approximated GELU written out in ops (GPT-2's ``gelu_new``), fused: the same
+    forward, one quantized input kept, and ATen's tanh-GELU derivative in backward
+    instead of the four full-width tensors the spelled-out ops keep."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return _tanh_gelu_ops(x, c_half, c_cubic, c_sqrt)
+    return _TanhGelu.apply(x, c_half, c_cubic, c_sqrt, fmt_args)
