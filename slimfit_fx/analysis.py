@@ -87,7 +87,6 @@ class OpContext:
     config: SlimFitConfig | None
     is_param: Callable[[fx.Node], bool]
     param_of: Callable[[fx.Node], "str | None"]
-    frozen_fmt: bool = False  # unused by rules today; reserved for per-layer formats
 
 
 Rule = Callable[[fx.Node, OpContext], list[Save]]
