@@ -233,7 +233,10 @@ def measure_saved(
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         records.append(_record(t, ids, param_ids, by_type=params is None))
-        return t  # unchanged: the graph stays usable for a later backward
+        # Same storage, so a later backward still works; detached, because an op that
+        # saves its own output (softmax, tanh) would otherwise form a reference cycle
+        # through its grad_fn that keeps the whole graph alive when no backward runs.
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         result = fn()
