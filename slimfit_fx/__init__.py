@@ -2,13 +2,15 @@
 
 Public API: ``compile`` (a drop-in module that trains with far less activation
 memory), ``trace``, ``analyze`` (MemoryPlan before anything runs),
-``SlimFitConfig``, ``MemoryReport``, and the ``measure`` module
+``SlimFitConfig``, ``MemoryReport``, ``Scheduler`` with its ``Ratio`` and
+``Budget`` policies, and the ``measure`` module
 (device-independent measurement).
 """
 from . import measure
 from .compiler import SlimFitModule, analyze, compile
 from .config import ConfigError, QuantFormat, SlimFitConfig
 from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
+from .scheduler import Budget, Ratio, Scheduler, SchedulerError
 from .trace import TraceError, trace
 
 __version__ = "0.1.0"
@@ -27,4 +29,8 @@ __all__ = [
     "MemoryReport",
     "PlanError",
     "TraceError",
+    "Scheduler",
+    "Ratio",
+    "Budget",
+    "SchedulerError",
 ]

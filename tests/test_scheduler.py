@@ -1,0 +1,335 @@
+"""The inter-layer scheduler: schedule properties, policies, resume, and what freezing does to a step."""
+import copy
+import math
+import random
+
+import pytest
+import torch
+
+import slimfit_fx
+from slimfit_fx import Budget, ConfigError, Ratio, Scheduler, SchedulerError
+from slimfit_fx.measure import saved_bytes
+
+from conftest import make_bert, make_gpt2, make_vit
+
+
+def _bert_no_dropout():
+    torch.manual_seed(0)
+    return make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _train(model, optimizer, inputs, steps, check=None):
+    for _ in range(steps):
+        loss = model(**inputs).loss
+        loss.backward()
+        if check is not None:
+            check()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _trained_sets(sched):
+    return [set(sched.layers) - set(frozen) for _, frozen in sched.history]
+
+
+def _max_streak(sched) -> int:
+    worst, streak = 0, dict.fromkeys(sched.layers, 0)
+    for _, frozen in sched.history:
+        for name in sched.layers:
+            streak[name] = streak[name] + 1 if name in frozen else 0
+            worst = max(worst, streak[name])
+    return worst
+
+
+def test_ratio_freezes_exactly_k_and_sweeps_every_layer_first():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.9))
+    t = len(sched.layers)
+    assert t == 22  # 3 embeddings + embedding LN + 2 x 8 per block + pooler + classifier
+    k = math.floor(0.9 * t)
+    _train(model, opt, x, 20)
+    assert all(len(frozen) == k for _, frozen in sched.history)
+    sweep = math.ceil(t / (t - k))
+    seen = set().union(*_trained_sets(sched)[:sweep])
+    assert seen == set(sched.layers), "the random initial scores must sweep every layer once first"
+    assert bool(sched.measured.all())
+    assert all(math.isfinite(s) for s in sched.scores.tolist())
+    # After the sweep every score is a measured change (far below the 1e6 initial values).
+    assert float(sched.scores.max()) < 1e3
+
+
+def test_frozen_layers_get_no_gradient_and_do_not_move():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    sched = Scheduler(model, opt, Ratio(0.8))
+    named = dict(model.named_parameters())
+    for _ in range(6):
+        frozen = list(sched.frozen)
+        before = {n: named[n].detach().clone() for n in frozen}
+        model(**x).loss.backward()
+        for n in frozen:
+            assert named[n].grad is None, n
+        for n in sched.trained:
+            assert named[n].grad is not None, n
+        assert all(p.grad is not None for n, p in named.items() if n.endswith("bias")), "biases always train"
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # zeros, not None: the scheduler must still drop frozen grads
+        for n in frozen:
+            assert torch.equal(named[n], before[n]), f"{n} moved while frozen (momentum or weight decay)"
+
+
+def test_same_seed_same_schedule_other_seed_differs():
+    runs = []
+    for seed in (0, 0, 1):
+        model, x = _bert_no_dropout()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        sched = Scheduler(model, opt, Ratio(0.75), seed=seed)
+        _train(model, opt, x, 5)
+        runs.append(sched.history)
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_staleness_bound_holds_under_ratio():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    # 22 layers, 3 trained per iteration: every layer must train within 8 iterations.
+    sched = Scheduler(model, opt, Ratio(0.9), max_frozen_steps=7)
+    _train(model, opt, x, 40)
+    assert _max_streak(sched) <= 7
+    assert all(len(f) == sched.k for _, f in sched.history)
+    # Without the bound the lowest-scoring layers stay frozen much longer.
+    model, x = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    free = Scheduler(model, opt, Ratio(0.9), max_frozen_steps=None)
+    _train(model, opt, x, 40)
+    assert _max_streak(free) > 7
+
+
+def test_infeasible_staleness_bound_is_a_config_error():
+    model, _ = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with pytest.raises(ConfigError, match="max_frozen_steps >= 7"):
+        Scheduler(model, opt, Ratio(0.9), max_frozen_steps=3)
+
+
+@pytest.mark.parametrize("bad", [
+    lambda: Ratio(1.0), lambda: Ratio(-0.1), lambda: Budget(0), lambda: Budget(float("nan")), lambda: Budget(True),
+])
+def test_bad_policy_values(bad):
+    with pytest.raises(ConfigError):
+        bad()
+
+
+def test_bad_scheduler_arguments():
+    model, _ = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with pytest.raises(ConfigError, match="frozen_state"):
+        Scheduler(model, opt, Ratio(0.5), frozen_state="disk")
+    with pytest.raises(ConfigError, match="nonfinite"):
+        Scheduler(model, opt, Ratio(0.5), nonfinite="ignore")
+    with pytest.raises(ConfigError, match="policy"):
+        Scheduler(model, opt, 0.9)
+    with pytest.raises(ConfigError, match="list of name patterns"):
+        Scheduler(model, opt, Ratio(0.5), exclude="classifier.*")
+    with pytest.raises(SchedulerError, match="no layer to schedule"):
+        Scheduler(model, opt, Ratio(0.5), include=["nothing.*"])
+
+
+def test_include_exclude_and_user_frozen_layers():
+    model, x = _bert_no_dropout()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # the user's own choice
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.9), exclude=["classifier.*", "bert.pooler.*"])
+    assert "classifier.weight" not in sched.layers and "bert.pooler.dense.weight" not in sched.layers
+    assert "bert.embeddings.word_embeddings.weight" not in sched.layers
+    _train(model, opt, x, 4)
+    assert model.classifier.weight.requires_grad
+    assert not model.bert.embeddings.word_embeddings.weight.requires_grad
+    only = Scheduler(*_fresh_bert_and_opt(), Ratio(0.5), include=["*.attention.self.*"])
+    assert len(only.layers) == 6 and len(only.frozen) == 3
+
+
+def _fresh_bert_and_opt():
+    model, _ = _bert_no_dropout()
+    return model, torch.optim.SGD(model.parameters(), lr=1e-2)
+
+
+def test_metric_is_finite_with_zero_weights_and_nonfinite_is_handled():
+    model, x = _bert_no_dropout()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].intermediate.dense.weight.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.5))
+    _train(model, opt, x, 6)
+    assert sched.measured[sched.layers.index("bert.encoder.layer.0.intermediate.dense.weight")]
+    assert all(math.isfinite(s) for s in sched.scores.tolist())
+
+    # A weight that turns NaN: warned once, score kept, never NaN.
+    name = sched.trained[0]
+    i = sched.layers.index(name)
+    kept = float(sched.scores[i])
+    param = dict(model.named_parameters())[name]
+    model(**x).loss.backward()
+    param.grad.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match=name.replace(".", r"\.")):
+        opt.step()
+    opt.zero_grad()
+    assert float(sched.scores[i]) == kept
+    assert not any(math.isnan(s) for s in sched.scores.tolist())
+    assert sched.nonfinite_events[-1][1] == name
+
+    model, x = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    strict = Scheduler(model, opt, Ratio(0.5), nonfinite="raise")
+    model(**x).loss.backward()
+    dict(model.named_parameters())[strict.trained[0]].grad.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        opt.step()
+
+
+def test_resume_from_checkpoint_reproduces_the_schedule():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.8), max_frozen_steps=10)
+    _train(model, opt, x, 5)
+    ckpt = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()})
+    _train(model, opt, x, 8)
+    expected = sched.history[6:]
+
+    model2, _ = _bert_no_dropout()
+    model2.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+    sched2 = Scheduler(model2, opt2, Ratio(0.8), max_frozen_steps=10, seed=123)  # seed is overridden by the state
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert sched2.frozen == list(ckpt["sched"]["history"][-1][1])
+    _train(model2, opt2, x, 8)
+    assert sched2.history[6:] == expected
+    for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_state_dict_rejects_other_layers():
+    model, _ = _bert_no_dropout()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    state = Scheduler(model, opt, Ratio(0.5)).state_dict()
+    model2, _ = _bert_no_dropout()
+    other = Scheduler(model2, torch.optim.SGD(model2.parameters(), lr=1e-2), Ratio(0.5), exclude=["classifier.*"])
+    with pytest.raises(SchedulerError, match="different set of layers"):
+        other.load_state_dict(state)
+
+
+def _budget_for_ratio(plan, ratio, seed=0):
+    layers = plan.layers
+    frozen = set(random.Random(seed).sample(layers, math.floor(ratio * len(layers))))
+    return int(plan.predict(frozen=frozen).total)
+
+
+def test_budget_never_exceeds_its_bytes_and_uses_them():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    budget = _budget_for_ratio(module.plan, 0.9)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    sched = Scheduler(module, opt, Budget(budget))
+    plan = module.plan
+    for _ in range(12):
+        est = plan.predict(frozen=sched.frozen)
+        assert est.total <= budget
+        # Greedy fill: no frozen layer would still fit on its own.
+        slack = budget - est.total
+        costs = plan.predict(frozen=[]).per_layer
+        assert slack < max(costs[n].gradients + costs[n].optimizer_state for n in sched.frozen)
+        _train(module, opt, x, 1)
+    assert _max_streak(sched) <= sched.max_frozen_steps
+    trained = [len(t) for t in _trained_sets(sched)]
+    assert min(trained) >= 2 and max(trained) < len(sched.layers)
+    assert sched.predicted_bytes().total <= budget
+
+
+def test_budget_counts_a_shared_input_once():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    q, k, v = (f"bert.encoder.layer.0.attention.self.{n}.weight" for n in ("query", "key", "value"))
+    sched = Scheduler(module, opt, Budget(10**12), include=[q, k, v])
+    pricing = sched._budget_pricing()
+    plan = module.plan
+    exact = plan.predict(frozen=[]).total - plan.predict(frozen=[q, k, v]).total
+    assert pricing.marginal(q, set()) + pricing.marginal(k, {q}) + pricing.marginal(v, {q, k}) == exact
+    # Q, K and V read one input: the second and third pay for their gradient and state only.
+    assert pricing.marginal(k, {q}) == pricing.marginal(k, set()) - 4 * x["input_ids"].numel() * 32
+
+
+def test_budget_below_the_all_frozen_floor_is_an_error():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    with pytest.raises(SchedulerError, match="raise the budget to at least"):
+        Scheduler(module, opt, Budget(1000))  # priced on the example inputs at once
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    Scheduler(model, opt, Budget(1000))  # plain module: priced at the first forward
+    with pytest.raises(SchedulerError, match="raise the budget to at least"):
+        model(**x)
+
+
+def test_staleness_bound_holds_under_budget():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    budget = _budget_for_ratio(module.plan, 0.9)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-2)
+    sched = Scheduler(module, opt, Budget(budget), max_frozen_steps=5)
+    _train(module, opt, x, 30)
+    assert _max_streak(sched) <= 5
+
+
+@pytest.mark.parametrize("make", [make_bert, make_vit, make_gpt2])
+def test_compiled_module_saves_what_the_plan_predicts_for_each_frozen_set(make):
+    torch.manual_seed(0)
+    model, x = make()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    sched = Scheduler(module, opt, Ratio(0.9))
+    plain_saved = saved_bytes(lambda: model(**x).loss)  # eager, same frozen set
+    for _ in range(3):
+        measured = saved_bytes(lambda: module(**x).loss)
+        assert measured == module.plan.predict(frozen=sched.frozen).activations
+        assert measured < plain_saved
+        _train(module, opt, x, 1)
+    assert "slimfit_fx.compile" in sched.summary()
+    assert "plain nn.Module" in Scheduler(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                           Ratio(0.5)).summary()
+
+
+def test_price_gives_predictions_under_ratio_and_schedule_matrix():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.9))
+    assert sched.predicted_bytes() is None
+    sched.price(x)
+    est = sched.predicted_bytes()
+    assert est.frozen_parameters >= sched.k
+    _train(model, opt, x, 4)
+    grid = sched.schedule_matrix()
+    assert grid.shape == (len(sched.layers), 5)
+    assert grid.sum(0).tolist() == [sched.k] * 5
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            sched.heatmap()
+    else:
+        assert sched.heatmap() is not None
+
+
+def test_remove_unfreezes_everything():
+    model, x = _bert_no_dropout()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = Scheduler(model, opt, Ratio(0.9))
+    _train(model, opt, x, 2)
+    sched.remove()
+    assert all(p.requires_grad for p in model.parameters())
+    n = len(sched.history)
+    _train(model, opt, x, 2)
+    assert len(sched.history) == n
