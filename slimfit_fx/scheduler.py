@@ -220,7 +220,10 @@ class Scheduler:
 
         from .compiler import SlimFitModule  # late: compiler imports the passes and ops
 
-        self.compiled = isinstance(model, SlimFitModule)
+        # The SlimFit module: the model itself, or one installed into it in place
+        # (slimfit_fx.integrations.huggingface.compile_in_place).
+        self._slim = model if isinstance(model, SlimFitModule) else getattr(model, "_slimfit_module", None)
+        self.compiled = self._slim is not None
         self.layers, self.params = self._select_layers(include, tuple(exclude))
         # Frozen by the user before the scheduler started: never scheduled, and frozen in every prediction.
         self._fixed_frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
@@ -262,15 +265,15 @@ class Scheduler:
         self._last_signature = None
         self._optimizer_kind = _optimizer_kind(optimizer)
         self._handles = []
-        if isinstance(policy, Budget):
-            self._handles.append(model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True))
+        # The batch shape prices layers (Budget) and feeds predicted_bytes() (any policy).
+        self._handles.append(model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         if isinstance(policy, Ratio):
             self._apply(self._choose())
-        elif self.compiled and model.plan is not None:
+        elif self.compiled and self._slim.plan is not None:
             # Priced for the example inputs until the first forward shows the real batch shape.
-            self._pricing["example inputs"] = _BudgetPricing.build(model.plan, self.layers, self._fixed_frozen,
+            self._pricing["example inputs"] = _BudgetPricing.build(self._slim.plan, self.layers, self._fixed_frozen,
                                                                   self._optimizer_kind)
             self._last_signature = "example inputs"
             self._apply(self._choose())
@@ -368,8 +371,8 @@ class Scheduler:
     def _plan_for(self, args: tuple, kwargs: dict):
         from .compiler import analyze
 
-        model = self.model.original if self.compiled else self.model
-        config = self.model.config if self.compiled else None
+        model = self._slim.original if self.compiled else self.model
+        config = self._slim.config if self.compiled else None
         was_training = model.training
         model.train()
         try:
@@ -399,7 +402,7 @@ class Scheduler:
         if sig != self._last_signature:
             self._last_signature = sig
             self._last_inputs = (tuple(args), dict(kwargs))
-            if self.iteration == 0:
+            if self.iteration == 0 and isinstance(self.policy, Budget):
                 # The first decision, now for the real batch shape (replaces one made for the example).
                 self.history.clear()
                 self.frozen_for.zero_()
@@ -493,11 +496,11 @@ class Scheduler:
         return len(self._frozen) / len(self.layers)
 
     def predicted_bytes(self):
-        """MemoryEstimate of the current frozen set for the latest batch shape (Budget policy, or after
-        ``price(inputs)``); None before any shape is known."""
-        plan = self.plan()
-        if plan is None:
+        """MemoryEstimate of the current frozen set for the latest batch shape; None before any
+        forward (or ``price(inputs)``).  A new batch shape is analysed once (a graph capture)."""
+        if self._last_signature is None:
             return None
+        plan = self._budget_pricing().plan
         return plan.predict(frozen=set(self.frozen) | (self._fixed_frozen & set(plan.parameter_names)),
                             optimizer=self._optimizer_kind)
 

@@ -104,6 +104,44 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> tuple | dict:
     return (arg_specs, kw_specs)
 
 
+class _ExplicitKwargs(nn.Module):
+    """``model`` with every keyword it is called with as an explicit parameter.
+
+    torch.export (2.13) cannot combine dynamic shapes with keywords that land in
+    a ``**kwargs`` parameter (pytorch/pytorch#164313; e.g. the Trainer's
+    ``num_items_in_batch`` for HF models, whose forward ends in
+    ``**kwargs: TransformersKwargs``).  This stand-in shares the model's
+    submodule, parameter and buffer dicts, so the captured graph's names are the
+    model's own, and calls the model's class ``forward``.
+    """
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self.training = model.training
+
+        def forward(*args, **kwargs):
+            return type(model).forward(model, *args, **kwargs)
+
+        sig = inspect.signature(model.forward)
+        params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD,)]
+        known = {p.name for p in params}
+        params += [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n in names
+                   if n not in known]
+        forward.__signature__ = inspect.Signature(params)
+        object.__setattr__(self, "forward", forward)
+
+    @classmethod
+    def wrap_if_needed(cls, model: nn.Module, inputs: "Inputs") -> nn.Module:
+        params = inspect.signature(model.forward).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return model
+        extra = [k for k in inputs.kwargs if k not in params]
+        return cls(model, extra) if extra else model
+
+
 def _user_frame(exc: BaseException) -> str | None:
     """The innermost frame of the failure that is not inside torch: the model's own line."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -159,10 +197,11 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
     inputs = normalize_inputs(example_inputs)
-    shapes = _dynamic_shapes(model, inputs) if dynamic else None
+    target = _ExplicitKwargs.wrap_if_needed(model, inputs) if dynamic else model
+    shapes = _dynamic_shapes(target, inputs) if dynamic else None
     try:
-        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs):
-            ep = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
+        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs), _class_forward(model):
+            ep = torch.export.export(target, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
     except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
         where = _user_frame(exc)
@@ -184,6 +223,20 @@ def trace(
         # would have to guess, which it must not.
         raise TraceError(f"captured graph of {type(model).__name__} lacks shape metadata on {missing[:5]}")
     return gm
+
+
+@contextlib.contextmanager
+def _class_forward(model: nn.Module):
+    """Capture the model's own forward, not one that compile_in_place installed on the instance."""
+    installed = model.__dict__.get("forward") if "_slimfit_module" in model.__dict__ else None
+    if installed is None:
+        yield
+        return
+    del model.__dict__["forward"]
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = installed
 
 
 @contextlib.contextmanager

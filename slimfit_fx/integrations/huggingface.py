@@ -1,0 +1,169 @@
+"""HuggingFace Trainer integration: a callback that runs the SlimFit scheduler.
+
+::
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[SlimFitCallback(policy=Ratio(0.9), compile=True)])
+
+``SlimFitCallback`` attaches a :class:`slimfit_fx.Scheduler` to the optimizer
+the Trainer creates (at ``on_train_begin``, after the optimizer exists) and
+adds ``slimfit/frozen_fraction`` and ``slimfit/predicted_activation_bytes``
+to every log.  It compiles nothing unless asked: with ``compile=True`` the
+Trainer's model is compiled *in place* (:func:`compile_in_place`), because the
+Trainer keeps using its own model object for signatures, ``config``, saving
+and evaluation; a separate wrapper module would break those.
+
+:func:`compile_in_place` gives the model an instance-level ``forward`` that
+runs the SlimFit graph in training mode and the original ``forward`` otherwise
+(evaluation and ``no_grad``).  Parameters,
+``state_dict`` keys, ``config`` and ``save_pretrained`` are untouched;
+:func:`uncompile` removes it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..compiler import SlimFitModule, compile as slimfit_compile
+from ..config import SlimFitConfig
+from ..scheduler import Budget, Ratio, Scheduler
+
+__all__ = ["SlimFitCallback", "compile_in_place", "uncompile"]
+
+try:
+    from transformers import TrainerCallback
+except ImportError:  # transformers is a dependency, but keep the import error readable
+    raise ImportError("slimfit_fx.integrations.huggingface needs transformers: pip install transformers") from None
+
+
+def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
+    """Make ``model`` train through the SlimFit graph without replacing the object.
+
+    Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
+    Idempotent for one model; call :func:`uncompile` to undo.
+    """
+    if isinstance(model, SlimFitModule):
+        raise TypeError("compile_in_place needs the original model, not a SlimFitModule")
+    existing = getattr(model, "_slimfit_module", None)
+    if existing is not None:
+        return existing
+    original_forward = model.forward  # the class's forward, bound
+    slim = slimfit_compile(model, example_inputs, config)
+
+    @functools.wraps(original_forward)  # keeps the signature the Trainer inspects
+    def forward(*args, **kwargs):
+        if not model.training or not torch.is_grad_enabled():
+            return original_forward(*args, **kwargs)
+        slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
+        return slim(*args, **kwargs)
+
+    # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
+    object.__setattr__(model, "_slimfit_module", slim)
+    object.__setattr__(model, "forward", forward)
+    return slim
+
+
+def uncompile(model: nn.Module) -> None:
+    """Undo :func:`compile_in_place`."""
+    if "_slimfit_module" in model.__dict__:
+        del model.__dict__["_slimfit_module"]
+        model.__dict__.pop("forward", None)
+
+
+def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    # accelerate's AcceleratedOptimizer (and similar wrappers) hold the torch optimizer in .optimizer
+    # (a subclass of torch.optim.Optimizer that never ran its __init__, so it has no step hooks).
+    inner = optimizer
+    while isinstance(getattr(inner, "optimizer", None), torch.optim.Optimizer):
+        inner = inner.optimizer
+    if not isinstance(inner, torch.optim.Optimizer):
+        raise TypeError(f"SlimFitCallback needs a torch.optim.Optimizer under the Trainer's optimizer, "
+                        f"got {type(optimizer).__name__}")
+    return inner
+
+
+class SlimFitCallback(TrainerCallback):
+    """Runs the SlimFit inter-layer scheduler inside a ``transformers.Trainer``.
+
+    ``policy``: ``Ratio(r)`` or ``Budget(bytes)``.  ``compile``: also compile the
+    Trainer's model in place with ``config`` (default ``SlimFitConfig()``), so
+    frozen layers keep no activations; without it the scheduler freezes layers
+    of the plain model (PyTorch's own savings only).  Other keyword arguments
+    go to :class:`slimfit_fx.Scheduler` (``exclude``, ``max_frozen_steps``,
+    ``frozen_state``, ``seed``, ...).  The scheduler is ``callback.scheduler``
+    once training has begun; its state is saved with each checkpoint as
+    ``slimfit_scheduler.pt`` and restored when training resumes from one.
+    """
+
+    state_file = "slimfit_scheduler.pt"
+
+    def __init__(self, policy: Ratio | Budget = Ratio(0.9), *, compile: bool = False,
+                 config: SlimFitConfig | None = None, **scheduler_kwargs):
+        if not isinstance(policy, (Ratio, Budget)):
+            raise TypeError(f"policy must be slimfit_fx.Ratio(r) or slimfit_fx.Budget(bytes), got {policy!r}")
+        self.policy = policy
+        self.compile = compile
+        self.config = config
+        self.scheduler_kwargs = scheduler_kwargs
+        self.scheduler: Scheduler | None = None
+        self._resume_state: dict | None = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if model is None or optimizer is None:
+            raise RuntimeError("SlimFitCallback needs the Trainer's model and optimizer at on_train_begin")
+        if self.scheduler is not None:
+            self.scheduler.remove()  # a second trainer.train() call: start over on the new optimizer
+        if self.compile:
+            compile_in_place(model, config=self.config)
+        self.scheduler = Scheduler(model, _unwrap_optimizer(optimizer), self.policy, **self.scheduler_kwargs)
+        resume = self._checkpoint_state(args, state)
+        if resume is not None:
+            self.scheduler.load_state_dict(resume)
+        return control
+
+    def _checkpoint_state(self, args, state) -> dict | None:
+        # Trainer restores model/optimizer from resume_from_checkpoint before on_train_begin, and
+        # global_step is then > 0; the matching scheduler state sits in that checkpoint folder.
+        import os
+
+        if not state.global_step:
+            return None
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = os.path.join(folder, self.state_file)
+        if os.path.exists(path):
+            return torch.load(path, weights_only=False)
+        return None
+
+    def on_save(self, args, state, control, **kwargs):
+        import os
+
+        if self.scheduler is not None and state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                torch.save(self.scheduler.state_dict(), os.path.join(folder, self.state_file))
+        return control
+
+    def metrics(self) -> dict[str, float]:
+        """What the callback adds to each log."""
+        if self.scheduler is None:
+            return {}
+        out = {"slimfit/frozen_fraction": round(self.scheduler.frozen_fraction, 4)}
+        est = self.scheduler.predicted_bytes()
+        if est is not None:
+            out["slimfit/predicted_activation_bytes"] = int(est.activations)
+        return out
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        extra = self.metrics()
+        if logs is not None:
+            logs.update(extra)
+        # The Trainer appended its copy of these logs to the history just before calling us.
+        if state.log_history and extra:
+            state.log_history[-1].update(extra)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        return control

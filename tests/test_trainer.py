@@ -1,0 +1,127 @@
+"""SlimFitCallback inside a real transformers.Trainer (tiny BERT, a few steps, no downloads or loggers)."""
+import pytest
+import torch
+
+import slimfit_fx
+from slimfit_fx import Ratio, Budget
+from slimfit_fx.integrations.huggingface import SlimFitCallback, compile_in_place, uncompile
+from slimfit_fx.measure import saved_bytes
+
+from conftest import make_bert
+
+transformers = pytest.importorskip("transformers")  # a hard dependency: present in CI
+
+
+def _dataset(n=16, seq=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, seq), generator=g)
+    labels = (ids[:, 0] > 50).long()
+    return [{"input_ids": ids[i], "attention_mask": torch.ones(seq, dtype=torch.long), "labels": labels[i]}
+            for i in range(n)]
+
+
+def _args(tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    base = dict(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, logging_steps=2,
+                report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+                learning_rate=1e-3, dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def _model():
+    torch.manual_seed(0)
+    model, _ = make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return model
+
+
+def test_callback_schedules_and_logs_in_a_real_trainer(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    keys = list(model.state_dict())
+    cb = SlimFitCallback(Ratio(0.9), compile=True)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_dataset(), callbacks=[cb])
+    trainer.train()
+    sched = cb.scheduler
+    assert sched is not None and sched.compiled
+    assert sched.iteration == 6  # one decision per optimizer step
+    assert all(len(frozen) == sched.k for _, frozen in sched.history)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    for h in logs:
+        assert h["slimfit/frozen_fraction"] == pytest.approx(sched.k / len(sched.layers), abs=1e-4)
+        assert h["slimfit/predicted_activation_bytes"] > 0
+    # The model object, its parameters and state_dict keys are the user's.
+    assert trainer.model is model and list(model.state_dict()) == keys
+    # The compiled forward keeps what the plan predicts for the current frozen set, and less than eager.
+    batch = {k: torch.stack([d[k] for d in _dataset()[:4]]) for k in ("input_ids", "attention_mask", "labels")}
+    model.train()
+    measured = saved_bytes(lambda: model(**batch).loss)
+    assert measured == sched.predicted_bytes().activations
+    uncompile(model)
+    assert measured < saved_bytes(lambda: model(**batch).loss)
+
+
+def test_callback_without_compile_leaves_the_forward_alone(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    cb = SlimFitCallback(Ratio(0.5), exclude=["classifier.*"])
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=3), train_dataset=_dataset(), callbacks=[cb])
+    trainer.train()
+    assert "forward" not in model.__dict__ and not cb.scheduler.compiled
+    assert "plain nn.Module" in cb.scheduler.summary()
+    assert "classifier.weight" not in cb.scheduler.layers
+
+
+def test_trainer_with_budget_stays_within_it(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    example = {k: torch.stack([d[k] for d in _dataset()[:4]]) for k in ("input_ids", "attention_mask", "labels")}
+    plan = slimfit_fx.analyze(model.train(), example, slimfit_fx.SlimFitConfig())
+    layers = plan.layers
+    budget = int(plan.predict(frozen=layers[: int(0.8 * len(layers))]).total)
+    cb = SlimFitCallback(Budget(budget), compile=True)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=_dataset(), callbacks=[cb])
+    trainer.train()
+    for _, frozen in cb.scheduler.history:
+        assert plan.predict(frozen=frozen).total <= budget
+
+
+def test_resume_restores_the_scheduler(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    cb = SlimFitCallback(Ratio(0.8), compile=True)
+    args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[cb]).train()
+    full = list(cb.scheduler.history)
+
+    model2 = _model()
+    cb2 = SlimFitCallback(Ratio(0.8), compile=True)
+    Trainer(model=model2, args=args, train_dataset=_dataset(), callbacks=[cb2]).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert cb2.scheduler.history == full
+
+
+def test_compile_in_place_matches_compile_and_is_reversible():
+    model = _model()
+    torch.manual_seed(1)
+    _, x = make_bert()
+    slim = compile_in_place(model, x)
+    assert compile_in_place(model) is slim
+    assert "_slimfit_module" not in dict(model.named_modules())
+    model.train()
+    out = model(**x)
+    ref = slimfit_fx.compile(_model(), x)(**x)
+    torch.testing.assert_close(out.logits, ref.logits)
+    model.eval()
+    with torch.no_grad():
+        assert model(**x).logits.shape == out.logits.shape
+    uncompile(model)
+    assert "forward" not in model.__dict__
+    with pytest.raises(TypeError, match="original model"):
+        compile_in_place(slimfit_fx.compile(_model()))
