@@ -34,6 +34,19 @@ What these figures are not:
   (e.g. an input batch) is not counted unless passed via ``tensors=``.
 * CPU and CUDA kernels differ (e.g. CPU dropout saves a float mask, CUDA a
   byte mask): report figures per device type.
+
+Host-resident (offloaded) tensors: :func:`mark_host_resident` declares that a
+tensor lives in host memory on behalf of the device, e.g. the optimizer state
+of a frozen layer that :class:`slimfit_fx.optim_state.FrozenStateStore` moved
+out of the device. On a machine without an accelerator such a tensor is in
+the same (CPU) memory as everything else, so without the mark it would be
+counted as device bytes and an offload would look like no saving at all.
+Marked storages go into a separate "host" account: they are excluded from
+``peak`` and its breakdown and reported as ``offloaded`` and
+``by_device["host"]``. The mark is kept in a module-level weak registry, so a
+tensor marked before :func:`peak_bytes` starts is recognised, and a mark that
+arrives while a measurement runs moves the storage out of the device account
+at that moment (earlier, it was device memory and counted as such).
 """
 
 from __future__ import annotations
@@ -60,6 +73,9 @@ __all__ = [
     "saved_bytes",
     "peak_bytes",
     "fmt_bytes",
+    "mark_host_resident",
+    "unmark_host_resident",
+    "is_host_resident",
 ]
 
 
@@ -262,6 +278,9 @@ def saved_bytes(
 # Peak bytes of a whole training step
 # --------------------------------------------------------------------------
 
+# Account name of host-resident storages in PeakMeasurement.by_device.
+HOST = "host"
+
 # Roles in priority order: a storage that is both (e.g. a gradient that an
 # optimizer also keeps in its state) is reported under the first one.
 _ROLES = ("parameters", "gradients", "optimizer_state", "other")
@@ -273,8 +292,14 @@ class PeakMeasurement:
 
     ``parameters + gradients + optimizer_state + other == peak``: the
     breakdown is of the storages live at the moment of the peak.
+    ``peak``, ``baseline``, ``end`` and the breakdown leave out host-resident
+    storages (see :func:`mark_host_resident`); ``offloaded`` is the
+    host-resident bytes live at the moment of the (device) peak, so
+    ``peak + offloaded`` is everything the step held then.
     ``by_device`` is each device type's own peak (they need not coincide in
-    time). ``cuda_max_allocated`` is the CUDA caching allocator's
+    time); it has a ``"host"`` key, the host-resident account's own peak,
+    only when some host-resident storage was tracked. ``cuda_max_allocated``
+    is the CUDA caching allocator's
     ``max_memory_allocated()`` for the current device over the step
     (absolute, not relative to the baseline; it includes kernel scratch
     space this tracker cannot see) when CUDA tensors were involved, else
@@ -288,6 +313,7 @@ class PeakMeasurement:
     gradients: int
     optimizer_state: int
     other: int
+    offloaded: int = 0
     by_device: dict[str, int] = field(default_factory=dict)
     cuda_max_allocated: int | None = None
 
@@ -297,12 +323,21 @@ class PeakMeasurement:
 
 @dataclass(eq=False)  # identity semantics: entries are compared with `is`
 class _Entry:
-    """One tracked storage. Holds no strong reference to it."""
+    """One tracked storage. Holds no strong reference to it.
+
+    ``host``: the storage is host-resident (:func:`mark_host_resident`) and
+    counted in the "host" account instead of ``device``'s.
+    """
 
     nbytes: int
     device: str
     role: str = "other"
     ref: weakref.ref | None = None
+    host: bool = False
+
+    @property
+    def account(self) -> str:
+        return HOST if self.host else self.device
 
 
 def _promote(entry: _Entry, role: str) -> None:
@@ -332,6 +367,9 @@ class _LiveStorages:
         self.peak_entries: list[_Entry] = []
         self.peak_sizes: list[int] = []
         self._peak_unsaved = False
+        # Host-resident bytes: live now, and live when the device peak was set.
+        self.host_now = 0
+        self.host_at_peak = 0
 
     def track(self, t: torch.Tensor, role: str = "other") -> None:
         """Count ``t``'s storages if new; give them ``role`` if it ranks higher."""
@@ -351,9 +389,20 @@ class _LiveStorages:
             if entry is not None and entry.ref() is st:
                 _promote(entry, role)
 
+    def set_host(self, st: torch.UntypedStorage, host: bool) -> None:
+        """Move a tracked storage between its device's account and the host
+        account (a mark or unmark that arrives after allocation)."""
+        entry = self.live.get(id(st))
+        if entry is None or entry.ref() is not st or entry.host == host:
+            return
+        nbytes = entry.nbytes
+        self._change(entry, -nbytes)  # leaves the old account first: saves a pending peak set
+        entry.host = host
+        self._change(entry, nbytes)
+
     def _add(self, st: torch.UntypedStorage) -> _Entry:
         key = id(st)
-        entry = _Entry(nbytes=0, device=st.device.type)
+        entry = _Entry(nbytes=0, device=st.device.type, host=_registered_host(st))
         entry.ref = weakref.ref(st, lambda _, k=key, e=entry: self._on_free(k, e))
         self.live[key] = entry
         self._change(entry, st.nbytes())
@@ -365,28 +414,35 @@ class _LiveStorages:
             del self.live[key]
 
     def _change(self, entry: _Entry, delta: int) -> None:
-        if delta < 0 and self._peak_unsaved:
+        if delta < 0 and self._peak_unsaved and not entry.host:
             self._save_peak_set()
+        acc = entry.account
         entry.nbytes += delta
+        self.device_now[acc] = self.device_now.get(acc, 0) + delta
+        self.device_peak[acc] = max(self.device_peak.get(acc, 0), self.device_now[acc])
+        if entry.host:  # not device memory: outside current/peak and the peak set
+            self.host_now += delta
+            return
         self.current += delta
-        dev = entry.device
-        self.device_now[dev] = self.device_now.get(dev, 0) + delta
-        self.device_peak[dev] = max(self.device_peak.get(dev, 0), self.device_now[dev])
         if self.current > self.peak:
             self.peak = self.current
+            self.host_at_peak = self.host_now
             self._peak_unsaved = True
 
     def restart_peak(self) -> None:
         """Make the current live set the starting peak (after the baseline)."""
         self.peak = self.current
+        self.host_at_peak = self.host_now
         self.device_peak = dict(self.device_now)
         self._peak_unsaved = True
 
     def _save_peak_set(self) -> None:
         # No GC-tracked allocation while copying: a collection here could
-        # free a storage and re-enter _on_free mid-copy.
+        # free a storage and re-enter _on_free mid-copy. The filter runs on
+        # the copied list, not on the dict, for the same reason.
         self._peak_unsaved = False
-        self.peak_entries = list(self.live.values())
+        entries = list(self.live.values())
+        self.peak_entries = [e for e in entries if not e.host]
         self.peak_sizes = [e.nbytes for e in self.peak_entries]
 
     def peak_breakdown(self) -> dict[str, int]:
@@ -406,6 +462,66 @@ class _LiveStorages:
             e.ref = None
         self.live.clear()
         self.peak_entries, self.peak_sizes = [], []
+
+
+# --------------------------------------------------------------------------
+# Host-resident (offloaded) storages
+# --------------------------------------------------------------------------
+
+# id(storage) -> weak reference to it. Module-level, so a mark made before a
+# measurement starts (optimizer state offloaded in an earlier step) is seen
+# by it; weak, so a mark never keeps memory alive, and the callback drops the
+# key when the storage dies, before its id can name another storage.
+_HOST_RESIDENT: dict[int, weakref.ref] = {}
+# Trackers of the peak_bytes calls running now: a mark reaches them at once.
+_ACTIVE: list[_LiveStorages] = []
+
+
+def _registered_host(st: torch.UntypedStorage) -> bool:
+    ref = _HOST_RESIDENT.get(id(st))
+    return ref is not None and ref() is st
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    if _HOST_RESIDENT.get(key) is ref:
+        del _HOST_RESIDENT[key]
+
+
+def mark_host_resident(t: torch.Tensor) -> None:
+    """Declare ``t``'s storages host-resident: memory moved out of the device.
+
+    :func:`peak_bytes` then counts them in a separate "host" account
+    (``PeakMeasurement.offloaded`` and ``by_device["host"]``), not in the
+    device peak. Needed because on a machine without an accelerator an
+    offloaded tensor is in the same memory as everything else: only this
+    mark tells it apart. Call it on the host copy (on CUDA, the pinned CPU
+    tensor; on CPU, the tensor that was kept). Takes effect at once in any
+    running measurement (the storage leaves the device account now) and in
+    later ones; it lasts until :func:`unmark_host_resident` or the storage's
+    death. Idempotent.
+    """
+    for st in _storages(t):
+        if not _registered_host(st):
+            key = id(st)
+            _HOST_RESIDENT[key] = weakref.ref(st, lambda r, k=key: _forget(k, r))
+        for live in _ACTIVE:
+            live.set_host(st, True)
+
+
+def unmark_host_resident(t: torch.Tensor) -> None:
+    """Undo :func:`mark_host_resident`: ``t`` is device memory again (e.g.
+    the same CPU tensor handed back to the optimizer when a layer thaws)."""
+    for st in _storages(t):
+        if _registered_host(st):
+            del _HOST_RESIDENT[id(st)]
+        for live in _ACTIVE:
+            live.set_host(st, False)
+
+
+def is_host_resident(t: torch.Tensor) -> bool:
+    """Whether every storage of ``t`` is marked host-resident (False if it has none)."""
+    sts = _storages(t)
+    return bool(sts) and all(_registered_host(st) for st in sts)
 
 
 class _TrackingMode(TorchDispatchMode):
@@ -498,10 +614,17 @@ def peak_bytes(
     the end; everything else (activations, temporaries, buffers, inputs) is
     "other". A gradient buffer an optimizer allocates and frees within the
     step without attaching it to ``.grad`` counts as "other".
+
+    Host-resident storages (:func:`mark_host_resident`, before or during the
+    step) are left out of ``peak``, ``baseline``, ``end`` and the breakdown;
+    ``offloaded`` is what of them was live at the moment of the peak and
+    ``by_device["host"]`` their own peak. A storage marked during the step
+    counts as device memory until the mark.
     """
     params = _parameters(model, optimizer)
     live = _LiveStorages()
     handles: list = []
+    _ACTIVE.append(live)
     try:
         for t, role in _known_tensors(params, model, optimizer):
             live.track(t, role)
@@ -527,10 +650,12 @@ def peak_bytes(
             baseline=baseline,
             end=live.current,
             **breakdown,
+            offloaded=live.host_at_peak,
             by_device=dict(live.device_peak),
             cuda_max_allocated=cuda_peak,
         )
     finally:
+        _ACTIVE.remove(live)
         for h in handles:
             h.remove()
         live.close()

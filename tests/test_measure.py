@@ -293,3 +293,73 @@ def test_fmt_bytes():
     assert M.fmt_bytes(int(12.3 * 2**20)) == "12.3 MiB"
     assert M.fmt_bytes(3 * 2**30) == "3.0 GiB"
     assert M.fmt_bytes(-2048) == "-2.0 KiB"
+
+
+# ------------------------------------------------- host-resident (offloaded)
+
+
+def test_host_resident_marked_during_step_leaves_device_account():
+    def step():
+        a = torch.empty(1000)  # +4000: device (CPU) memory when made
+        b = torch.empty(500)  # +2000: 6000 live
+        M.mark_host_resident(a)  # a moves to the host account: device 2000
+        c = torch.empty(3000)  # device 14000: the peak, with a (4000) on the host
+        del c
+        M.unmark_host_resident(a)  # back on the device: 6000, below the peak
+        assert not M.is_host_resident(a) and not M.is_host_resident(b)
+
+    m = M.peak_bytes(step)
+    assert m.peak == 2000 + 12000
+    assert m.offloaded == 4000  # host-resident bytes live at the peak
+    assert m.by_device == {"cpu": 14000, "host": 4000}
+    assert m.other == m.peak and m.baseline == m.end == 0
+
+
+def test_host_resident_mark_after_the_peak_does_not_rewrite_it():
+    def step():
+        a = torch.empty(1000)
+        b = torch.empty(500)  # 6000: the peak, a was device memory then
+        M.mark_host_resident(a)
+        del b
+
+    m = M.peak_bytes(step)
+    assert (m.peak, m.other, m.offloaded) == (6000, 6000, 0)
+    assert m.by_device == {"cpu": 6000, "host": 4000}
+
+
+def test_host_resident_marked_before_the_step_is_baseline_on_host():
+    model, x = make_mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+    step = _step(model, x, opt)
+    step()  # state now exists (see test_peak_adamw_hand_computed for the figures)
+    w2_state = opt.state[model[2].weight]
+    for key in ("exp_avg", "exp_avg_sq"):
+        M.mark_host_resident(w2_state[key])
+    state = 2 * PARAMS + 4 * SCALAR
+    try:
+        m = M.peak_bytes(step, model=model, optimizer=opt, tensors=[x])
+    finally:
+        for key in ("exp_avg", "exp_avg_sq"):
+            M.unmark_host_resident(w2_state[key])
+    assert m.baseline == PARAMS + X + state - 2 * W2
+    assert m.peak == 268820 - 2 * W2  # the unmarked figure of test_peak_adamw_hand_computed
+    assert m.offloaded == 2 * W2
+    assert m.optimizer_state == state - 2 * W2
+    assert m.parameters + m.gradients + m.optimizer_state + m.other == m.peak
+    assert m.by_device == {"cpu": m.peak, "host": 2 * W2}
+    assert m.end == m.baseline
+    # unmarked again: the plain figures
+    assert M.peak_bytes(step, model=model, optimizer=opt, tensors=[x]).peak == 268820
+
+
+def test_host_resident_registry_is_weak():
+    t = torch.randn(100)
+    M.mark_host_resident(t)
+    assert M.is_host_resident(t) and M.is_host_resident(t[10:20])  # views share the storage
+    n = len(M._HOST_RESIDENT)
+    ref = weakref.ref(t.untyped_storage())
+    del t
+    assert ref() is None  # the mark kept nothing alive
+    assert len(M._HOST_RESIDENT) == n - 1
+    assert not M.is_host_resident(torch.randn(100))
+    assert not M.is_host_resident(torch.empty(0, device="meta"))
