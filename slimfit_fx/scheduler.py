@@ -175,8 +175,9 @@ class Scheduler:
     ``nonfinite``: ``"warn"`` (keep the layer's last score) or ``"raise"`` when a
     layer's change is not finite (its weights became inf/NaN).
 
-    Under ``torch.distributed`` the scores are broadcast from rank 0 after every
-    update, so every rank freezes the same layers whatever its local seed.
+    Under ``torch.distributed`` rank 0 makes every decision and broadcasts it with
+    its scores, so every rank freezes the same layers whatever its local seed or
+    batch shape (see docs/DISTRIBUTED.md).
     """
 
     def __init__(
@@ -196,6 +197,9 @@ class Scheduler:
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Scheduler needs the nn.Module being trained, got {type(model).__name__}")
+        # DDP/DataParallel wrappers: schedule the module they wrap (same parameters).
+        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Scheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(policy, (Ratio, Budget)):
@@ -263,6 +267,7 @@ class Scheduler:
         self._pricing: "OrderedDict[Any, _BudgetPricing]" = OrderedDict()
         self._last_inputs: tuple | None = None
         self._last_signature = None
+        self._redecided = False
         self._optimizer_kind = _optimizer_kind(optimizer)
         self._handles = []
         # The batch shape prices layers (Budget) and feeds predicted_bytes() (any policy).
@@ -270,13 +275,13 @@ class Scheduler:
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
         if isinstance(policy, Ratio):
-            self._apply(self._choose())
+            self._apply(self._decide())
         elif self.compiled and self._slim.plan is not None:
             # Priced for the example inputs until the first forward shows the real batch shape.
             self._pricing["example inputs"] = _BudgetPricing.build(self._slim.plan, self.layers, self._fixed_frozen,
                                                                   self._optimizer_kind)
             self._last_signature = "example inputs"
-            self._apply(self._choose())
+            self._apply(self._decide())
         # Otherwise a Budget's first frozen set needs the batch shape: it is chosen at the first forward.
 
     # ------------------------------------------------------------------ set-up
@@ -402,11 +407,13 @@ class Scheduler:
         if sig != self._last_signature:
             self._last_signature = sig
             self._last_inputs = (tuple(args), dict(kwargs))
-            if self.iteration == 0 and isinstance(self.policy, Budget):
+            if self.iteration == 0 and isinstance(self.policy, Budget) and not (
+                    self._redecided and _distributed()):  # ranks must agree on how many decisions they make
                 # The first decision, now for the real batch shape (replaces one made for the example).
+                self._redecided = True
                 self.history.clear()
                 self.frozen_for.zero_()
-                self._apply(self._choose())  # first Budget decision, before this forward records anything
+                self._apply(self._decide())  # first Budget decision, before this forward records anything
         return None
 
     def _pre_step(self, optimizer, args, kwargs):
@@ -423,7 +430,10 @@ class Scheduler:
             wide = torch.float32 if before.element_size() < 4 else before.dtype
             after, before = self.params[i].detach().to(wide), before.to(wide)
             rel = (after - before).abs_().div_(before.abs_().add_(self.eps))
-            changes[i] = rel.mean(dtype=torch.float64)
+            d = rel.mean(dtype=torch.float64)
+            if hasattr(d, "full_tensor"):  # a DTensor (FSDP2-sharded weight): the mean over every shard
+                d = d.full_tensor()
+            changes[i] = d
         updated = sorted(self._snapshots)
         self._snapshots = {}
         for i in updated:
@@ -433,9 +443,8 @@ class Scheduler:
                 continue
             self.scores[i] = d
             self.measured[i] = True
-        self._sync_scores()
         self.iteration += 1
-        self._apply(self._choose())
+        self._apply(self._decide())
 
     def _on_nonfinite(self, i: int, d: float) -> None:
         name = self.layers[i]
@@ -448,18 +457,27 @@ class Scheduler:
         if len(self.nonfinite_events) == 1:
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
-    def _sync_scores(self) -> None:
+    def _decide(self) -> set[int]:
+        """The next frozen set.  Under torch.distributed rank 0 decides, and every rank takes its scores and
+        its frozen set: a rank's own seed, or a Budget priced for the rank's own batch shape (dynamic
+        padding), must not make the ranks train different layers (DDP would average a layer's gradient
+        into the ranks that froze it, and move it)."""
+        if not _distributed():
+            return self._choose()
         import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            buf = torch.cat([self.scores, self.measured.to(torch.float64)])
-            backend = dist.get_backend()
-            if backend == "nccl":
-                buf = buf.cuda()
-            dist.broadcast(buf, src=0)
-            buf = buf.cpu()
-            self.scores = buf[: len(self.layers)].clone()
-            self.measured = buf[len(self.layers):].bool()
+        t = len(self.layers)
+        frozen = self._choose() if dist.get_rank() == 0 else set()
+        mask = torch.zeros(t, dtype=torch.float64)
+        mask[sorted(frozen)] = 1.0
+        buf = torch.cat([self.scores, self.measured.to(torch.float64), mask])
+        if dist.get_backend() == "nccl":
+            buf = buf.cuda()
+        dist.broadcast(buf, src=0)
+        buf = buf.cpu()
+        self.scores = buf[:t].clone()
+        self.measured = buf[t:2 * t].bool()
+        return {i for i in range(t) if buf[2 * t + i] > 0}
 
     def _apply(self, frozen: set[int], record: bool = True) -> None:
         newly_frozen = [self.params[i] for i in frozen - self._frozen]
@@ -594,6 +612,12 @@ class Scheduler:
             for n in frozen:
                 grid[index[n], col] = True
         return grid
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _shape_signature(args: tuple, kwargs: dict) -> tuple:
