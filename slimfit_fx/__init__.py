@@ -7,7 +7,7 @@ memory), ``trace``, ``analyze`` (MemoryPlan before anything runs),
 (device-independent measurement).
 """
 from . import measure
-from .compiler import SlimFitModule, analyze, compile
+from .compiler import ShardedParametersError, SlimFitModule, analyze, compile
 from .config import ConfigError, QuantFormat, SlimFitConfig
 from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
 from .scheduler import Budget, Ratio, Scheduler, SchedulerError
@@ -28,6 +28,7 @@ __all__ = [
     "MemoryEstimate",
     "MemoryReport",
     "PlanError",
+    "ShardedParametersError",
     "TraceError",
     "Scheduler",
     "Ratio",

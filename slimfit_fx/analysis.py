@@ -624,6 +624,8 @@ OP_TABLE: dict[str, Rule] = {
     "aten._log_softmax": _save_out("logprobs", (0,)),
     "aten.pow": _save_args((0, (0,))),
     "aten.log": _save_args((0, (0,))),
+    "aten.sin": _save_args((0, (0,))),  # rotary embeddings (LLaMA): cos/sin of positions, no grad there
+    "aten.cos": _save_args((0, (0,))),
     "aten.abs": _save_args((0, (0,))),
     "aten.clamp": _save_args((0, (0,))),
     "aten.clamp_min": _save_args((0, (0,))),

@@ -14,7 +14,7 @@ from torch import fx, nn
 from .analysis import analyze_graph
 from .config import SlimFitConfig
 from .memory import MemoryPlan
-from .trace import _share_with_model, normalize_inputs, trace
+from .trace import _share_with_model, normalize_inputs, shape_signature, trace
 
 __all__ = ["analyze", "plan_for_graph", "compile", "SlimFitModule"]
 
@@ -50,6 +50,30 @@ def analyze(model: nn.Module, example_inputs: Any, config: SlimFitConfig | None 
     return plan_for_graph(gm, config, model)
 
 
+class ShardedParametersError(RuntimeError):
+    """The module's parameters were sharded (FSDP2) after the graph was captured."""
+
+
+def _refuse_sharded(module: nn.Module) -> None:
+    """FSDP2 (``fully_shard``) swaps DTensor shards and unsharded copies in and out of the modules
+    around each forward; a captured graph keeps computing with the parameters it was captured with,
+    which then receive no gradient: training would silently do nothing."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return
+    sharded = isinstance(module, FSDPModule) or any(isinstance(m, FSDPModule) for m in module.modules())
+    names = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+    if sharded or names:
+        where = f" ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''} are DTensors)" if names else ""
+        raise ShardedParametersError(
+            f"this slimfit_fx module is sharded by FSDP2 (fully_shard){where}: its captured graph would compute "
+            "with unsharded copies that never get a gradient, so nothing would train. Use "
+            "DistributedDataParallel around slimfit_fx.compile(model) (slimfit_fx.integrations.distributed."
+            "wrap_ddp), or fully_shard the plain model with the Scheduler (docs/DISTRIBUTED.md)")
+
+
 def _structure(args: tuple, kwargs: dict) -> tuple:
     """What a captured graph is specialised on: which arguments are tensors, of what rank
     and dtype (batch and sequence lengths are symbolic)."""
@@ -80,6 +104,8 @@ class SlimFitModule(nn.Module):
         object.__setattr__(self, "config", config)
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "plan", None)
+        object.__setattr__(self, "plan_signature", None)  # shapes the plan was predicted for
+        object.__setattr__(self, "_parameter_ids", None)  # identities the graphs were last pointed at
         # Share, don't copy: the user's dicts become this module's.
         self._modules = model._modules
         self._parameters = model._parameters
@@ -103,6 +129,7 @@ class SlimFitModule(nn.Module):
         self._graphs[_structure(args, kwargs)] = gm
         if self.plan is None:
             object.__setattr__(self, "plan", plan)
+            object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
         return gm
 
     @property
@@ -113,8 +140,23 @@ class SlimFitModule(nn.Module):
     def forward(self, *args, **kwargs):
         if not self.training:
             return self.original(*args, **kwargs)
+        self._check_parameters()
         gm = self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
         return gm(*args, **kwargs)
+
+    def _check_parameters(self) -> None:
+        """Refuse FSDP2 sharding, and follow parameters the user replaced (``model.fc.weight =
+        nn.Parameter(...)``) after the capture; a cheap identity check when nothing changed."""
+        current = tuple(map(id, self._parameters_in_order()))
+        if current == self._parameter_ids:
+            return
+        _refuse_sharded(self)
+        for gm in self._graphs.values():
+            _share_with_model(gm, self.original)
+        object.__setattr__(self, "_parameter_ids", current)
+
+    def _parameters_in_order(self):
+        return [p for _, p in self.original.named_parameters(remove_duplicate=False)]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -139,7 +181,8 @@ def _as_inputs(args: tuple, kwargs: dict):
     return Inputs(tuple(args), dict(kwargs))
 
 
-def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
+def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
+            mode: str = "eager") -> SlimFitModule:
     """Compile ``model`` for memory-efficient fine-tuning.
 
     Returns a ``SlimFitModule``: same forward signature and outputs (HF
@@ -148,6 +191,13 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     ones) may be omitted: the graph is then captured on the first training call.
     ``config`` defaults to ``SlimFitConfig()``, every feature on in the paper's
     formats; ``SlimFitConfig.off()`` computes exactly what the original does.
+
+    ``mode="eager"`` captures with ``torch.export`` and runs the rewritten graph.
+    ``mode="compiled"`` trains through ``torch.compile`` with the ``"slimfit"``
+    backend (same passes on the graph dynamo captures, same results and saved
+    bytes) and a guard filter that lets the frozen set change every step without
+    recompiling (``slimfit_fx.integrations.dynamo``); the graph is compiled on the
+    first training call.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"slimfit_fx.compile needs an nn.Module, got {type(model).__name__}")
@@ -156,4 +206,10 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     config = SlimFitConfig() if config is None else config
     if not isinstance(config, SlimFitConfig):
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
+    if mode == "compiled":
+        from .integrations.dynamo import CompiledSlimFitModule  # late: imports torch._dynamo
+
+        return CompiledSlimFitModule(model, config, example_inputs)
+    if mode != "eager":
+        raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
     return SlimFitModule(model, config, example_inputs)

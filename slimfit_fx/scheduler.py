@@ -25,7 +25,11 @@ says which of the two is in effect.
 Policies: :class:`Ratio` (the paper's ILS) and :class:`Budget` (train the
 highest-scoring layers whose bytes fit, priced by the static analysis for the
 current batch shape).  Both honour a staleness bound: no layer stays frozen for
-more than ``max_frozen_steps`` iterations.
+more than ``max_frozen_steps`` iterations.  Under ``Ratio`` an infeasible bound is a
+``ConfigError`` at construction; under ``Budget`` a layer that alone costs more than
+the budget is a ``SchedulerError`` when it is priced, and when several layers go
+stale at once and only some fit, the rest wait (most stale first), with a warning
+and an entry in ``staleness_overruns``.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ from torch import nn
 
 from .analysis import layer_parameters
 from .config import ConfigError
+from .trace import shape_signature as _shape_signature
 
 __all__ = ["Ratio", "Budget", "Scheduler", "SchedulerError"]
 
@@ -262,6 +267,7 @@ class Scheduler:
         self.iteration = 0
         self.history: list[tuple[int, tuple[str, ...]]] = []
         self.nonfinite_events: list[tuple[int, str]] = []
+        self.staleness_overruns: list[tuple[int, tuple[str, ...]]] = []  # Budget: stale layers that had to wait
         self._snapshots: dict[int, torch.Tensor] = {}
         self._frozen: set[int] = set()
         self._pricing: "OrderedDict[Any, _BudgetPricing]" = OrderedDict()
@@ -274,14 +280,20 @@ class Scheduler:
         self._handles.append(model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True))
         self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
         self._handles.append(optimizer.register_step_post_hook(self._post_step))
-        if isinstance(policy, Ratio):
-            self._apply(self._decide())
-        elif self.compiled and self._slim.plan is not None:
-            # Priced for the example inputs until the first forward shows the real batch shape.
-            self._pricing["example inputs"] = _BudgetPricing.build(self._slim.plan, self.layers, self._fixed_frozen,
-                                                                  self._optimizer_kind)
-            self._last_signature = "example inputs"
-            self._apply(self._decide())
+        try:
+            if isinstance(policy, Ratio):
+                self._apply(self._decide())
+            elif self.compiled and self._slim.plan is not None:
+                # Priced for the example inputs until the first forward shows the real batch shape.
+                # Keyed by their shapes: a first batch shaped like them is not analysed again.
+                key = getattr(self._slim, "plan_signature", None) or "example inputs"
+                self._pricing[key] = _BudgetPricing.build(
+                    self._slim.plan, self.layers, self._fixed_frozen, self._optimizer_kind)
+                self._last_signature = key
+                self._apply(self._decide())
+        except BaseException:
+            self.remove()  # a scheduler that failed to start must not stay hooked into the model and optimizer
+            raise
         # Otherwise a Budget's first frozen set needs the batch shape: it is chosen at the first forward.
 
     # ------------------------------------------------------------------ set-up
@@ -336,9 +348,20 @@ class Scheduler:
                 f"Budget({budget}) is below the {pricing.base} bytes this model needs for this batch shape with "
                 f"every scheduled layer frozen; raise the budget to at least that, or shrink the batch")
         t = len(self.layers)
+        if self.max_frozen_steps is not None:
+            unaffordable = [n for n in self.layers if pricing.base + pricing.alone[n] > budget]
+            if unaffordable:
+                need = pricing.base + max(pricing.alone[n] for n in unaffordable)
+                shown = ", ".join(unaffordable[:4]) + (f" and {len(unaffordable) - 4} more" if len(unaffordable) > 4 else "")
+                raise SchedulerError(
+                    f"Budget({budget}) can never train {shown}: each alone needs more than the budget for this batch "
+                    f"shape, so max_frozen_steps={self.max_frozen_steps} cannot hold for it. Raise the budget to at "
+                    f"least {need}, freeze those layers yourself before creating the Scheduler "
+                    f"(param.requires_grad_(False)), or pass max_frozen_steps=None")
         used = pricing.base
         trained: set[str] = set()
-        order = self._stale() + [i for i in self._by_score() if i not in set(self._stale())]
+        stale = self._stale()
+        order = stale + [i for i in self._by_score() if i not in set(stale)]
         chosen: list[int] = []
         for i in order:
             name = self.layers[i]
@@ -355,6 +378,17 @@ class Scheduler:
             drop = chosen.pop()
             trained.discard(self.layers[drop])
             frozen_names.add(self.layers[drop])
+        late = [self.layers[i] for i in stale if i not in set(chosen)]
+        if late:
+            # Each stale layer fits alone, but not all of them at once: the most stale go first and the rest
+            # wait an iteration or more, past the bound.  Recorded, and said once.
+            self.staleness_overruns.append((self.iteration, tuple(late)))
+            if len(self.staleness_overruns) == 1:
+                warnings.warn(
+                    f"slimfit_fx.Scheduler: Budget({budget}) cannot train all {len(stale)} layers frozen for "
+                    f"{self.max_frozen_steps} iterations at once; {len(late)} wait longer (most stale first). "
+                    "Raise the budget or max_frozen_steps; Scheduler.staleness_overruns lists every such iteration",
+                    RuntimeWarning, stacklevel=4)
         return set(range(t)) - set(chosen)
 
     def _budget_pricing(self) -> _BudgetPricing:
@@ -618,12 +652,3 @@ def _distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _shape_signature(args: tuple, kwargs: dict) -> tuple:
-    def sig(v):
-        if isinstance(v, torch.Tensor):
-            return ("t", tuple(v.shape), v.dtype)
-        return ("v", type(v).__name__)
-
-    return tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items()))

@@ -59,6 +59,16 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
     )
 
 
+def shape_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes and dtypes of a call's tensor arguments (types of the rest): what a memory plan depends on."""
+    def sig(v):
+        if isinstance(v, torch.Tensor):
+            return ("t", tuple(v.shape), v.dtype)
+        return ("v", type(v).__name__)
+
+    return tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items()))
+
+
 def _wants_no_cache(model: nn.Module, inputs: Inputs) -> bool:
     """HF decoders return a KV cache object when ``use_cache`` is on; training needs none."""
     if "use_cache" in inputs.kwargs:

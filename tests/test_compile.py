@@ -151,6 +151,20 @@ def test_drop_in_module_shares_everything():
     assert torch.equal(model.classifier.bias, sd["classifier.bias"])
 
 
+def test_a_parameter_replaced_after_capture_is_the_one_trained():
+    model, inputs = make_bert()
+    compiled = slimfit_fx.compile(model.train(), inputs)
+    compiled(**inputs).loss.backward()
+    new = torch.nn.Parameter(torch.zeros_like(model.classifier.weight))
+    model.classifier.weight = new  # e.g. a re-initialised head
+    model.zero_grad(set_to_none=True)
+    out = compiled(**inputs)
+    reference = model(**inputs)
+    torch.testing.assert_close(out.logits, reference.logits)
+    out.loss.backward()
+    assert new.grad is not None and new.grad.abs().sum() > 0
+
+
 def test_frozen_set_changes_without_recapture_and_shapes_vary():
     model, inputs = make_gpt2()
     compiled = slimfit_fx.compile(model.train(), inputs)

@@ -364,3 +364,35 @@ def test_offloaded_optimizer_state_gives_identical_training_and_compress_stays_c
     print(f"compress vs keep: {float(diff / moved):.3f} of the distance moved, {same}/{len(ref_sched.history)} "
           "identical frozen sets")
     assert torch.isfinite(diff) and diff < 0.2 * moved
+
+
+def test_budget_that_can_never_train_a_layer_is_an_error_under_the_staleness_bound():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    plan = module.plan
+    probe = Scheduler(module, torch.optim.AdamW(module.parameters()), Ratio(0.5))
+    layers = probe.layers
+    probe.remove()
+    base = plan.predict(frozen=layers).total
+    alone = {n: plan.predict(frozen=set(layers) - {n}).total - base for n in layers}
+    biggest = max(alone, key=alone.get)
+    budget = base + alone[biggest] - 1  # every layer but the largest fits alone
+    with pytest.raises(SchedulerError, match=f"can never train {biggest}.*at least {base + alone[biggest]}"):
+        Scheduler(module, opt, Budget(budget))
+    assert all(p.requires_grad for p in module.parameters())  # the failed scheduler left nothing behind
+    sched = Scheduler(module, opt, Budget(budget), max_frozen_steps=None)  # no bound: it just stays frozen
+    _train(module, opt, x, 3)
+    assert all(biggest in frozen for _, frozen in sched.history)
+
+
+def test_budget_on_a_compiled_module_does_not_analyse_the_example_shape_again(monkeypatch):
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    sched = Scheduler(module, opt, Budget(_budget_for_ratio(module.plan, 0.9)))
+    first = list(sched.history)
+    calls = []
+    monkeypatch.setattr(sched, "_plan_for", lambda *a: calls.append(a))
+    _train(module, opt, x, 2)  # batches shaped like the example inputs: priced already
+    assert calls == [] and sched.history[0] == first[0]

@@ -1,184 +1,525 @@
-"""Memory and step time of one training step, side by side in one run.
+"""Memory and step time of one training step under each memory-saving setting, side by side.
 
-Settings (each a row), on one model whose parameters they all share:
-  pytorch           plain eager PyTorch, every layer trained
-  pytorch+freeze    plain eager PyTorch with the frozen set (what requires_grad=False gives for free)
-  slimfit           slimfit_fx.compile with SlimFitConfig() (the paper's formats), same frozen set
-  slimfit-minmax    slimfit_fx.compile with SlimFitConfig.minmax(), same frozen set
+Workloads (HF configs, random init, fp32, AdamW; ``--model``):
+  bert-base   BertForSequenceClassification, batch 32, seq 128
+  vit-base    ViTForImageClassification, batch 32, 224 px
+  gpt2        GPT2LMHeadModel (small), batch 8, seq 512
+(any other ``slimfit_fx.models`` name, e.g. bert-tiny, runs too; ``--batch``/``--seq`` shrink a run).
 
-Measured: saved-activation bytes (slimfit_fx.measure.saved_bytes of a forward), the
-peak of a whole AdamW step after a warm-up step (measure.peak_bytes), and the step
-time as a ratio to plain PyTorch from interleaved runs (median of --repeats).
-Predicted: the MemoryPlan's figures for the same frozen set.
+Settings (rows, ``--settings``), all on one model whose parameters they share:
+  pytorch           plain eager PyTorch (sdpa attention), every parameter trained
+  checkpointing     HF gradient checkpointing, non-reentrant
+  torch.compile     torch.compile(model) with torch._functorch.config.activation_memory_budget=0.5
+  pytorch+freeze    plain eager PyTorch, 90% of the SlimFit layers frozen at random (seed 0)
+  slimfit           slimfit_fx.compile(model, inputs, SlimFitConfig()), same frozen set
+  slimfit+offload   "slimfit_fx, everything on": slimfit as above, and the optimizer state of the
+                    frozen parameters held by slimfit_fx.optim_state.FrozenStateStore (--offload-mode)
+  slimfit+torch.compile  slimfit_fx.compile(model, inputs, mode="compiled"): the "slimfit" torch.compile
+                    backend, same frozen set; compile time and step time against the eager slimfit row
 
-    python tools/bench_memory.py --model bert-base --batch 32 --seq 128 --freeze-ratio 0.9
+Measured (slimfit_fx.measure): saved-activation bytes (``saved_bytes`` of a forward) and the peak of
+a whole AdamW step (forward, backward, step, zero_grad) after a warm-up step (``peak_bytes``), split
+into parameters / gradients / optimizer state / activations+temporaries (plus what is host-resident
+at the peak: ``offloaded``).  Predicted: ``MemoryPlan.predict(frozen, optimizer).peak`` for the rows
+with a plan.  Step time: ``--repeats`` interleaved rounds, one timed step per setting per round
+(round-robin), median, as a ratio to plain eager PyTorch.  A setting that fails (e.g. no C++
+compiler for inductor) gets a row that says why; the others go on.
+
+Writes ``<out>.json`` and ``<out>.md`` (default ``results/bench_memory_<model>``) with the machine,
+versions, date and command line, and prints the markdown.
+
+    python tools/bench_memory.py --model bert-base --batch 32 --repeats 3
+    python tools/bench_memory.py --model bert-tiny --batch 2 --repeats 1 --settings pytorch,slimfit
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
+import warnings
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
-from tabulate import tabulate
 
-import slimfit_fx
-from slimfit_fx import SlimFitConfig
-from slimfit_fx.measure import fmt_bytes, peak_bytes, saved_bytes
-from slimfit_fx.models import build
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
 
-SETTINGS = {
-    "pytorch": (None, False),
-    "pytorch+freeze": (None, True),
-    "slimfit": (SlimFitConfig(), True),
-    "slimfit-minmax": (SlimFitConfig.minmax(), True),
+import slimfit_fx  # noqa: E402
+from slimfit_fx import SlimFitConfig  # noqa: E402
+from slimfit_fx.measure import fmt_bytes, peak_bytes, saved_bytes  # noqa: E402
+from slimfit_fx.models import build  # noqa: E402
+
+WORKLOADS = {  # model -> (batch, seq): the issue's configurations
+    "bert-base": (32, 128),
+    "vit-base": (32, None),
+    "gpt2": (8, 512),
 }
+SETTINGS = {
+    "pytorch": "plain eager PyTorch",
+    "checkpointing": "HF gradient checkpointing",
+    "torch.compile": "torch.compile, activation budget 0.5",
+    "pytorch+freeze": "PyTorch + 90% frozen",
+    "slimfit": "slimfit_fx (paper settings)",
+    "slimfit+offload": "slimfit_fx, everything on",
+    "slimfit+torch.compile": "slimfit_fx through torch.compile",
+}
+ACTIVATION_MEMORY_BUDGET = 0.5
 
 
-def log(msg):
+def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+class SettingFailed(Exception):
+    """A setting cannot run here; the message says why (it becomes the row's note)."""
+
+
 class Setting:
-    """A module to step, its frozen set, its optimizer and its plan."""
+    """One row: how a step runs (module, frozen set, optimizer) and what was measured."""
 
-    def __init__(self, name, model, inputs, config, frozen, plain_plan):
-        self.name, self.model, self.inputs, self.frozen = name, model, inputs, frozen
-        self.module = model if config is None else slimfit_fx.compile(model, inputs, config)
-        self.plan = plain_plan if config is None else self.module.plan
+    name = ""
+    has_plan = False
+
+    def __init__(self, bench: "Bench"):
+        self.bench = bench
+        self.frozen: set[str] = set()
+        self.module = bench.model
+        self.plan = None
         self.optimizer = None
+        self.row: dict = {"setting": self.name, "label": SETTINGS[self.name], "status": "ok", "note": "",
+                          "times": []}
 
-    def activate(self):
-        for n, p in self.model.named_parameters():
+    # what a setting changes; undone by the next setting's activate()
+    def activate(self) -> None:
+        b = self.bench
+        for n, p in b.model.named_parameters():
             p.requires_grad_(n not in self.frozen)
-        self.model.zero_grad(set_to_none=True)
-        if self.optimizer is None:
-            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        b.model.zero_grad(set_to_none=True)
+        b.checkpointing(False)
 
-    def step(self):
-        loss = self.module(**self.inputs).loss
+    def context(self):
+        return contextlib.nullcontext()
+
+    def forward_loss(self):
+        with self.context():
+            return self.module(**self.bench.inputs).loss
+
+    def step(self) -> None:
+        loss = self.forward_loss()
         loss.backward()
+        del loss
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def release(self):
-        self.optimizer = None  # its state is large; measured settings re-create it
+    def setup(self) -> None:
+        """Build what the setting needs (after activate()); raise SettingFailed to skip it."""
+        self.optimizer = self.bench.optimizer_for(self.frozen)
+
+    def after_warmup(self) -> None:
+        pass
 
 
-def run(args):
-    torch.manual_seed(0)
-    model, inputs = build(args.model, batch=args.batch, seq=args.seq, image_size=args.image_size)
-    model.train()
-    plain_plan = slimfit_fx.analyze(model, inputs)
-    layers = plain_plan.layers
-    frozen = set(random.Random(args.seed).sample(layers, int(round(args.freeze_ratio * len(layers), 9))))
-    settings = [Setting(name, model, inputs, cfg, frozen if freeze else set(), plain_plan)
-                for name, (cfg, freeze) in SETTINGS.items() if name in args.settings]
+class Plain(Setting):
+    name, has_plan = "pytorch", True
 
-    rows = {}
-    for s in settings:
-        log(f"{s.name}: saved bytes and peak")
+    def setup(self):
+        super().setup()
+        self.plan = self.bench.plain_plan
+
+
+class Checkpointing(Setting):
+    name = "checkpointing"
+
+    def activate(self):
+        super().activate()
+        self.bench.checkpointing(True)
+
+    def setup(self):
+        if not getattr(self.bench.model, "supports_gradient_checkpointing", False):
+            raise SettingFailed(f"{type(self.bench.model).__name__} does not support HF gradient checkpointing")
+        super().setup()
+
+
+class Compiled(Setting):
+    name = "torch.compile"
+
+    def context(self):
+        import torch._functorch.config as functorch_config
+
+        return functorch_config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET)
+
+    def setup(self):
+        super().setup()
+        self.module = torch.compile(self.bench.model)  # compiles on the warm-up step
+
+
+class Freeze(Setting):
+    name, has_plan = "pytorch+freeze", True
+
+    def __init__(self, bench):
+        super().__init__(bench)
+        self.frozen = bench.frozen
+
+    def setup(self):
+        super().setup()
+        self.plan = self.bench.plain_plan
+
+
+class SlimFit(Setting):
+    name, has_plan = "slimfit", True
+
+    def __init__(self, bench):
+        super().__init__(bench)
+        self.frozen = bench.frozen
+
+    def setup(self):
+        super().setup()
+        self.module = self.bench.slimfit_module()
+        self.plan = self.module.plan
+
+
+class EverythingOn(SlimFit):
+    """slimfit_fx with every memory feature on: SlimFit formats and freezing (as ``slimfit``)
+    plus the optimizer state of the frozen parameters held off the device by
+    ``slimfit_fx.optim_state.FrozenStateStore`` (``--offload-mode``).
+
+    The extension point for features added later: build them in ``setup`` (before the warm-up
+    step) or ``after_warmup`` (once optimizer state exists), and undo anything that outlives a
+    step in ``activate`` of the other settings.
+    """
+
+    name = "slimfit+offload"
+
+    def setup(self):
+        try:
+            from slimfit_fx.optim_state import FrozenStateStore
+        except ImportError as e:
+            raise SettingFailed(f"slimfit_fx.optim_state.FrozenStateStore is not available ({e})") from None
+        self.module = self.bench.slimfit_module()
+        self.plan = self.module.plan
+        # Its own optimizer over every parameter: the warm-up step trains all of them, so that
+        # state exists for the frozen ones too, as after a scheduler has frozen them.
+        model = self.bench.model
+        self.optimizer = torch.optim.AdamW(list(model.parameters()), lr=1e-5)
+        self.store = FrozenStateStore(self.optimizer, mode=self.bench.args.offload_mode)
+        self._frozen_later = self.frozen
+        self.frozen = set()
+
+    def after_warmup(self):
+        self.frozen = self._frozen_later
+        self.activate()  # requires_grad False and grad None on the frozen parameters
+        params = dict(self.bench.model.named_parameters())
+        self.store.freeze([params[n] for n in sorted(self.frozen)])
+        self.row["store_bytes"] = self.store.nbytes()
+
+
+class SlimFitCompiled(SlimFit):
+    """``slimfit_fx.compile(model, inputs, mode="compiled")``: the same passes on the graph dynamo
+    captures (the ``"slimfit"`` backend), same frozen set.  Its warm-up step includes dynamo's
+    capture and the passes: the compile time, reported against the eager module's capture."""
+
+    name = "slimfit+torch.compile"
+
+    def setup(self):
+        Setting.setup(self)
+        t0 = time.perf_counter()
+        self.module = slimfit_fx.compile(self.bench.model, self.bench.inputs, SlimFitConfig(), mode="compiled")
+        self.row["build_s"] = round(time.perf_counter() - t0, 2)
+        self.plan = self.module.plan
+
+
+SETTING_CLASSES = {cls.name: cls for cls in (Plain, Checkpointing, Compiled, Freeze, SlimFit, EverythingOn,
+                                             SlimFitCompiled)}
+assert list(SETTING_CLASSES) == list(SETTINGS)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        torch.manual_seed(0)
+        self.model, self.inputs = build(args.model, batch=args.batch, seq=args.seq, image_size=args.image_size)
+        self.model.train()
+        self.plain_plan = slimfit_fx.analyze(self.model, self.inputs)
+        layers = self.plain_plan.layers
+        k = int(round(args.freeze_ratio * len(layers), 9))
+        self.frozen = set(random.Random(args.seed).sample(layers, k))
+        self.layers = layers
+        self._optimizers: dict[frozenset, torch.optim.Optimizer] = {}
+        self._slimfit = None
+        self._checkpointing = False
+
+    def checkpointing(self, on: bool) -> None:
+        """HF gradient checkpointing on or off (transformers 5 calls it activation checkpointing
+        and warns about the old names; the issue names the old call, which is the one used)."""
+        if on == self._checkpointing:
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if on:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_disable()
+        self._checkpointing = on
+
+    def optimizer_for(self, frozen: set[str]) -> torch.optim.Optimizer:
+        """One AdamW (PyTorch's default implementation) per frozen set, shared by the settings
+        that train the same parameters: the state is the same, and memory is spared."""
+        key = frozenset(frozen)
+        if key not in self._optimizers:
+            params = [p for n, p in self.model.named_parameters() if n not in frozen]
+            self._optimizers[key] = torch.optim.AdamW(params, lr=1e-5)
+        return self._optimizers[key]
+
+    def slimfit_module(self):
+        if self._slimfit is None:
+            t0 = time.perf_counter()
+            self._slimfit = slimfit_fx.compile(self.model, self.inputs, SlimFitConfig())
+            self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
+        return self._slimfit
+
+    def measure(self, s: Setting) -> None:
+        """Saved bytes, peak and prediction of setting ``s`` (warm-up step first)."""
+        row, model = s.row, self.model
+        s.activate()
+        s.setup()
         s.activate()
         torch.manual_seed(1)
-        saved = saved_bytes(lambda: s.module(**inputs).loss, params=model)
-        s.step()  # warm-up: optimizer state exists from now on, as in a real run
-        peak = peak_bytes(s.step, model=model, optimizer=s.optimizer, tensors=list(inputs.values()))
-        est = s.plan.predict(s.frozen, optimizer="adamw")
-        rows[s.name] = {
-            "saved_measured": saved, "saved_predicted": est.activations,
-            "peak_measured": peak.peak, "peak_predicted": est.peak,
-            "peak_parameters": peak.parameters, "peak_gradients": peak.gradients,
-            "peak_optimizer_state": peak.optimizer_state, "peak_other": peak.other,
-            "dropout_mask_bytes": est.by_role.get("dropout_mask", 0), "times": [],
-        }
-        s.release()
+        t0 = time.perf_counter()
+        s.step()  # warm-up: compiles (torch.compile) and creates the optimizer state
+        row["warmup_s"] = round(time.perf_counter() - t0, 2)
+        s.after_warmup()
+        gc.collect()
+        torch.manual_seed(1)
+        row["saved"] = saved_bytes(s.forward_loss, params=model)
+        gc.collect()
+        torch.manual_seed(1)
+        pm = peak_bytes(s.step, model=model, optimizer=s.optimizer, tensors=list(self.inputs.values()))
+        row.update(peak=pm.peak, parameters=pm.parameters, gradients=pm.gradients,
+                   optimizer_state=pm.optimizer_state, activations_temporaries=pm.other,
+                   offloaded=getattr(pm, "offloaded", 0), baseline=pm.baseline)
+        if s.name == "torch.compile":
+            row["note"] = ("peak not measurable: under peak_bytes' TorchDispatchMode dynamo runs the model "
+                           "eagerly (same ATen ops as eager), so the figure would be eager PyTorch's")
+            row["peak_is_eager"] = row.pop("peak")
+            row["peak"] = None
+        if s.name == "checkpointing":
+            row["note"] = ("saved bytes: what autograd keeps outside the checkpointed blocks and their "
+                           "boundaries as seen by saved-tensor hooks; the peak includes the recomputation")
+        if s.plan is not None:
+            est = s.plan.predict(s.frozen, s.optimizer)
+            row["predicted_peak"] = est.peak
+            row["predicted_saved"] = est.activations
+            row["predicted_phase"] = est.peak_detail.get("phase")
+            row["dropout_mask_bytes"] = est.by_role.get("dropout_mask", 0)
+            if row.get("peak"):
+                row["peak_error_pct"] = 100 * (est.peak - row["peak"]) / row["peak"]
+        row["frozen_layers"] = sum(1 for n in self.layers if n in s.frozen)
 
-    log(f"step times: {args.repeats} interleaved rounds")
+
+def run(args) -> tuple[dict, Bench]:
+    bench = Bench(args)
+    rows = {}
+    settings = []
+    for name in args.settings:
+        s = SETTING_CLASSES[name](bench)
+        rows[name] = s.row
+        log(f"{name}: warm-up step, saved bytes, peak")
+        try:
+            bench.measure(s)
+        except SettingFailed as e:
+            s.row.update(status="skipped", note=str(e))
+            print(f"{name}: skipped: {e}", flush=True)
+        except Exception as e:  # noqa: BLE001  (e.g. inductor without a C++ compiler)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            s.row.update(status="failed", note=f"{type(e).__name__}: {first}")
+            print(f"{name}: failed: {type(e).__name__}: {first}", flush=True)
+        else:
+            settings.append(s)
+        gc.collect()
+
+    log(f"step times: {args.repeats} interleaved rounds over {[s.name for s in settings]}")
     for r in range(args.repeats):
         for s in settings:
             s.activate()
-            s.step()  # warm the optimizer state of this setting
+            gc.collect()
             t0 = time.perf_counter()
             s.step()
-            rows[s.name]["times"].append(time.perf_counter() - t0)
-            s.release()
-        log(f"round {r + 1}: " + ", ".join(f"{s.name} {rows[s.name]['times'][-1]:.1f}s" for s in settings))
-    for p in model.parameters():
+            s.row["times"].append(time.perf_counter() - t0)
+        log(f"round {r + 1}: " + ", ".join(f"{s.name} {s.row['times'][-1]:.2f}s" for s in settings))
+    for p in bench.model.parameters():
         p.requires_grad_(True)
-    return rows, frozen, layers
+    bench.checkpointing(False)
+    for s in settings:
+        store = getattr(s, "store", None)
+        if store is not None:
+            store.close()
+    return rows, bench
 
 
-def summarize(rows, args):
-    base = rows["pytorch"]
-    item = 4  # fp32 masks on CPU; CUDA keeps 1-byte masks
-    base_saved_1byte_masks = base["saved_measured"] - base["dropout_mask_bytes"] + base["dropout_mask_bytes"] // item
-    base_time = statistics.median(base["times"])
-    table = []
-    for name, r in rows.items():
-        r["time_median_s"] = statistics.median(r["times"])
-        r["time_ratio"] = r["time_median_s"] / base_time
-        r["saved_ratio"] = base["saved_measured"] / r["saved_measured"]
-        r["saved_ratio_vs_1byte_masks"] = base_saved_1byte_masks / r["saved_measured"]
-        r["peak_ratio"] = base["peak_measured"] / r["peak_measured"]
-        r["saved_error_pct"] = 100 * (r["saved_predicted"] - r["saved_measured"]) / r["saved_measured"]
-        r["peak_error_pct"] = 100 * (r["peak_predicted"] - r["peak_measured"]) / r["peak_measured"]
-        table.append([
-            name, fmt_bytes(r["saved_measured"]), f"{r['saved_error_pct']:+.1f}%", f"{r['saved_ratio']:.2f}x",
-            f"{r['saved_ratio_vs_1byte_masks']:.2f}x", fmt_bytes(r["peak_measured"]), f"{r['peak_error_pct']:+.1f}%",
-            fmt_bytes(r["peak_parameters"]), fmt_bytes(r["peak_gradients"]), fmt_bytes(r["peak_optimizer_state"]),
-            fmt_bytes(r["peak_other"]), f"{r['peak_ratio']:.2f}x", f"{r['time_ratio']:.2f}x",
-        ])
-    headers = ["setting", "saved act.", "pred. err", "saved vs\npytorch", "vs pytorch,\n1-byte masks",
-               "peak", "pred. err", "params", "grads", "optimizer", "act.+temp.", "peak vs\npytorch",
-               "step time\nvs pytorch"]
-    return table, headers
+def summarize(rows: dict) -> None:
+    base = rows.get("pytorch", {})
+    base_time = statistics.median(base["times"]) if base.get("times") else None
+    for r in rows.values():
+        if r["times"]:
+            r["time_median_s"] = statistics.median(r["times"])
+            r["time_ratio"] = r["time_median_s"] / base_time if base_time else None
+        if r.get("peak") and base.get("peak"):
+            r["peak_ratio"] = r["peak"] / base["peak"]
+        if r.get("saved") is not None and base.get("saved"):
+            r["saved_ratio"] = r["saved"] / base["saved"]
+    eager, compiled = rows.get("slimfit", {}), rows.get("slimfit+torch.compile", {})
+    if eager.get("times") and compiled.get("times"):
+        compiled["time_ratio_to_slimfit"] = statistics.median(compiled["times"]) / statistics.median(eager["times"])
 
 
-def main(argv=None):
+def _x(v) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _mib(n) -> str:
+    """MiB with one decimal from 1 MiB up (peak errors of ~1% need the digits), else fmt_bytes."""
+    if n is None:
+        return "-"
+    return f"{n / 2**20:,.1f} MiB" if abs(n) >= 2**20 else fmt_bytes(n)
+
+
+def markdown(result: dict) -> str:
+    a, m, v = result["args"], result["machine"], result["versions"]
+    lines = [
+        f"## bench_memory: {a['model']}, batch {a['batch']}"
+        + (f", seq {a['seq']}" if a.get("seq") else "") + ", fp32, AdamW (PyTorch default implementation)",
+        "",
+        f"- command: `{result['command']}`",
+        f"- date: {result['date']}; machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch "
+        f"threads), device cpu; python {m['python']}, torch {v['torch']}, transformers {v['transformers']}",
+        f"- frozen: {result['frozen_layers']}/{result['layers']} SlimFit layers at random (seed {a['seed']}) in "
+        f"the freeze and slimfit rows; measured with slimfit_fx.measure (saved_bytes, peak_bytes of the second "
+        f"step); step time: median of {a['repeats']} interleaved rounds",
+        "",
+    ]
+    headers = ["setting", "saved act.", "peak", "params", "grads", "optimizer", "act.+temp.", "offloaded",
+               "predicted peak", "pred. error", "peak vs pytorch", "saved vs pytorch", "step time vs pytorch"]
+    lines.append("| " + " | ".join(headers) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
+    notes = []
+    for name, r in result["rows"].items():
+        if r["status"] != "ok":
+            cells = [r["label"]] + ["-"] * (len(headers) - 1)
+            cells[1] = f"{r['status']}: see note"
+        else:
+            err = r.get("peak_error_pct")
+            cells = [
+                r["label"], _mib(r.get("saved")), _mib(r.get("peak")),
+                _mib(r.get("parameters")), _mib(r.get("gradients")), _mib(r.get("optimizer_state")),
+                _mib(r.get("activations_temporaries")), _mib(r.get("offloaded") or 0),
+                _mib(r.get("predicted_peak")),
+                f"{err:+.1f}%" if err is not None else "-",
+                _x(r.get("peak_ratio")), _x(r.get("saved_ratio")), _x(r.get("time_ratio")),
+            ]
+            if r.get("peak") is None:
+                cells[3:8] = ["-"] * 5
+        lines.append("| " + " | ".join(cells) + " |")
+        if r.get("note"):
+            notes.append(f"- {r['label']}: {r['note']}")
+        if name == "slimfit+offload" and r["status"] == "ok":
+            notes.append(f"- {r['label']}: its AdamW holds state for every parameter (the warm-up step trained "
+                         f"all of them); FrozenStateStore(mode={result['args'].get('offload_mode')!r}) keeps the "
+                         f"frozen ones' ({_mib(r.get('offloaded'))} at the peak) host-resident, out of the device "
+                         "peak; the other rows' optimizers never had state for frozen parameters.")
+        if name == "slimfit+torch.compile" and r["status"] == "ok":
+            eager = result["rows"].get("slimfit", {})
+            compile_s = r.get("build_s", 0) + r.get("warmup_s", 0)
+            capture_s = (result.get("slimfit_capture_s") or 0) + eager.get("warmup_s", 0)
+            ratio = r.get("time_ratio_to_slimfit")
+            notes.append(f"- {r['label']}: compile (build + first step, dynamo capture and the passes) "
+                         f"{compile_s:.1f} s vs the eager module's capture + first step {capture_s:.1f} s; "
+                         f"step time {_x(ratio)} the eager slimfit module's (same interleaved rounds); saved "
+                         f"bytes {_x(r['saved'] / eager['saved']) if eager.get('saved') else '-'} of it.")
+    base = result["rows"].get("pytorch", {})
+    if base.get("dropout_mask_bytes"):
+        notes.append(f"- CPU dropout keeps float32 masks ({_mib(base['dropout_mask_bytes'])} of plain "
+                     "PyTorch's saved bytes; CUDA keeps 1-byte masks): savings on masks are CPU figures.")
+    notes.append("- peak columns: live tensor storages at the step's peak (params + grads + optimizer + "
+                 "act.+temp. = peak); offloaded: host-resident optimizer state live then, not in the peak.")
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="bert-base")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--model", default="bert-base", help="bert-base, vit-base, gpt2 (or any slimfit_fx.models name)")
+    ap.add_argument("--batch", type=int, default=None, help="default: the workload's (32, 32, 8)")
+    ap.add_argument("--seq", type=int, default=None, help="text models; default: the workload's (128, 512)")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--freeze-ratio", type=float, default=0.9)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random frozen set")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
-    ap.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of " + ",".join(SETTINGS))
-    ap.add_argument("--json", default="results/bench_memory.json")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help="comma-separated rows, of: " + ", ".join(SETTINGS))
+    ap.add_argument("--offload-mode", choices=["offload", "compress"], default="offload",
+                    help="FrozenStateStore mode of the slimfit+offload row")
+    ap.add_argument("--out", default=None, help="output path without suffix (default results/bench_memory_<model>)")
+    ap.add_argument("--render", metavar="JSON", help="only re-render the markdown of a saved result (next to it)")
     args = ap.parse_args(argv)
-    args.settings = args.settings.split(",")
+    if args.render:
+        path = Path(args.render)
+        md = markdown(json.loads(path.read_text()))
+        path.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in args.settings if s not in SETTINGS]
-    if unknown or "pytorch" not in args.settings:
-        ap.error(f"--settings must include pytorch and only {sorted(SETTINGS)}; got {args.settings}")
+    if unknown or not args.settings:
+        ap.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
+    if "pytorch" not in args.settings:
+        args.settings.insert(0, "pytorch")  # the reference of every ratio
+    batch, seq = WORKLOADS.get(args.model, (8, 128))
+    args.batch = batch if args.batch is None else args.batch
+    if "vit" not in args.model:
+        args.seq = seq if args.seq is None else args.seq
+    if args.repeats < 1 or args.batch < 1:
+        ap.error("--repeats and --batch must be positive")
+    out = Path(args.out or f"results/bench_memory_{args.model}")
+
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     started = time.time()
-    rows, frozen, layers = run(args)
-    table, headers = summarize(rows, args)
-    print(f"{args.model}, batch {args.batch}, seq {args.seq}, fp32, AdamW, {len(frozen)}/{len(layers)} layers "
-          f"frozen (random, seed {args.seed}); device cpu; measured with slimfit_fx.measure")
-    print(tabulate(table, headers=headers, tablefmt="github"))
+    rows, bench = run(args)
+    summarize(rows)
     result = {
-        "command": "python " + " ".join(sys.argv),
+        "command": "python tools/bench_memory.py " + shlex.join(argv_used),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "args": {k: v for k, v in vars(args).items()},
-        "frozen": sorted(frozen),
+        "machine": {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
+                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "slimfit_fx": slimfit_fx.__version__},
+        "args": vars(args),
+        "layers": len(bench.layers),
+        "frozen_layers": len(bench.frozen),
+        "frozen": sorted(bench.frozen),
         "rows": rows,
+        "slimfit_capture_s": getattr(bench, "slimfit_capture_s", None),
         "wall_s": round(time.time() - started, 1),
     }
-    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.json}")
+    md = markdown(result)
+    print(md)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 
 

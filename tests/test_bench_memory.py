@@ -1,0 +1,74 @@
+"""tools/bench_memory.py on a tiny config: every requested row, sane numbers, JSON and markdown."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHEAP = ["pytorch", "checkpointing", "pytorch+freeze", "slimfit", "slimfit+offload"]  # torch.compile: minutes
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "tools" / "bench_memory.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def result(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bert_tiny"
+    argv = ["--model", "bert-tiny", "--batch", "2", "--seq", "32", "--repeats", "1",
+            "--settings", ",".join(CHEAP), "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    return doc, out.with_suffix(".md").read_text()
+
+
+def test_every_requested_row_is_there(result):
+    doc, _ = result
+    assert list(doc["rows"]) == CHEAP
+    optim_state = importlib.util.find_spec("slimfit_fx.optim_state") is not None
+    for name, row in doc["rows"].items():
+        if name == "slimfit+offload" and not optim_state:
+            assert row["status"] == "skipped" and "FrozenStateStore" in row["note"]
+            continue
+        assert row["status"] == "ok", (name, row["note"])
+        assert len(row["times"]) == 1 and row["times"][0] > 0
+
+
+def test_numbers_are_sane(result):
+    doc, _ = result
+    rows = {k: r for k, r in doc["rows"].items() if r["status"] == "ok"}
+    plain, freeze, slim = rows["pytorch"], rows["pytorch+freeze"], rows["slimfit"]
+    for name, r in rows.items():
+        assert r["parameters"] + r["gradients"] + r["optimizer_state"] + r["activations_temporaries"] == r["peak"]
+        assert 0 < r["saved"] and r["parameters"] > 0, name
+    assert slim["saved"] < freeze["saved"] < plain["saved"]
+    assert rows["checkpointing"]["saved"] < plain["saved"]
+    assert slim["peak"] < plain["peak"] and freeze["peak"] < plain["peak"]
+    assert plain["peak_ratio"] == 1.0 and plain["time_ratio"] == 1.0
+    for r in (plain, freeze, slim):  # rows with a plan carry the predicted peak
+        assert abs(r["peak_error_pct"]) < 10, r
+    if "slimfit+offload" in rows:
+        on = rows["slimfit+offload"]
+        assert on["offloaded"] > 0  # the frozen parameters' AdamW state, host-resident
+        assert on["peak"] <= slim["peak"] + 4 * len(doc["frozen"])  # their 0-d step tensors stay
+    assert doc["frozen_layers"] == int(0.9 * doc["layers"])  # floor, as the CLI
+
+
+def test_machine_facts_and_markdown(result):
+    doc, md = result
+    assert doc["machine"]["cpus"] >= 1 and doc["versions"]["torch"] and doc["versions"]["transformers"]
+    assert doc["command"].startswith("python tools/bench_memory.py --model bert-tiny")
+    assert doc["date"]
+    for r in doc["rows"].values():
+        assert f"| {r['label']} |" in md
+    assert doc["command"] in md
+
+
+def test_unknown_setting_is_refused(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "bert-tiny", "--settings", "pytorch,nope"])
