@@ -72,3 +72,17 @@ def test_machine_facts_and_markdown(result):
 def test_unknown_setting_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--model", "bert-tiny", "--settings", "pytorch,nope"])
+
+
+def test_slimfit_through_torch_compile_row_reports_compile_time_and_ratio_to_eager_slimfit(bench, tmp_path):
+    out = tmp_path / "bert_tiny_compiled"
+    argv = ["--model", "bert-tiny", "--batch", "2", "--seq", "32", "--repeats", "1",
+            "--settings", "pytorch,slimfit,slimfit+torch.compile", "--out", str(out)]
+    assert bench.main(argv) == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    eager, compiled = doc["rows"]["slimfit"], doc["rows"]["slimfit+torch.compile"]
+    assert compiled["status"] == "ok", compiled["note"]
+    assert abs(compiled["saved"] / eager["saved"] - 1) <= 0.10  # the bar
+    assert compiled["time_ratio_to_slimfit"] > 0 and compiled["build_s"] + compiled["warmup_s"] > 0
+    assert compiled["peak"] is None and "not measurable" in compiled["note"]
+    assert "compile (build + first step" in out.with_suffix(".md").read_text()
