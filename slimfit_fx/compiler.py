@@ -181,6 +181,11 @@ def _as_inputs(args: tuple, kwargs: dict):
     return Inputs(tuple(args), dict(kwargs))
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
             mode: str = "eager") -> SlimFitModule:
     """Compile ``model`` for memory-efficient fine-tuning.
@@ -207,6 +212,11 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     if not isinstance(config, SlimFitConfig):
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
     if mode == "compiled":
+        if _torch_version() < (2, 9):
+            raise RuntimeError(
+                f"slimfit_fx.compile(mode='compiled') needs torch>=2.9 (torch.compile's guard_filter_fn option, "
+                f"which keeps a changing frozen set from recompiling); this is torch {torch.__version__}. Upgrade "
+                "torch, or use mode='eager' (the same rewrites and savings)")
         from .integrations.dynamo import CompiledSlimFitModule  # late: imports torch._dynamo
 
         return CompiledSlimFitModule(model, config, example_inputs)

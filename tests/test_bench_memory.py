@@ -86,3 +86,15 @@ def test_slimfit_through_torch_compile_row_reports_compile_time_and_ratio_to_eag
     assert compiled["time_ratio_to_slimfit"] > 0 and compiled["build_s"] + compiled["warmup_s"] > 0
     assert compiled["peak"] is None and "not measurable" in compiled["note"]
     assert "compile (build + first step" in out.with_suffix(".md").read_text()
+
+
+def test_docs_section_is_replaced_between_markers(bench, tmp_path):
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# Benchmarks\n\nintro\n")
+    bench.update_docs(page, "bert-tiny", "table one\n")
+    bench.update_docs(page, "gpt2", "table two\n")
+    bench.update_docs(page, "bert-tiny", "table three\n")
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n")
+    assert "table one" not in text and text.count("table three") == 1 and "table two" in text
+    assert text.index("table three") < text.index("table two")  # replaced in place

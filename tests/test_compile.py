@@ -190,3 +190,10 @@ def test_compile_rejects_bad_arguments():
     compiled = slimfit_fx.compile(model)
     with pytest.raises(TypeError, match="already compiled"):
         slimfit_fx.compile(compiled)
+
+
+def test_compiled_mode_on_a_torch_without_guard_filters_is_a_clear_error(monkeypatch):
+    model, inputs = make_bert()
+    monkeypatch.setattr(slimfit_fx.compiler, "_torch_version", lambda: (2, 8))
+    with pytest.raises(RuntimeError, match=r"needs torch>=2.9.*mode='eager'"):
+        slimfit_fx.compile(model, inputs, mode="compiled")

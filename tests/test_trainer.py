@@ -125,3 +125,13 @@ def test_compile_in_place_matches_compile_and_is_reversible():
     assert "forward" not in model.__dict__
     with pytest.raises(TypeError, match="original model"):
         compile_in_place(slimfit_fx.compile(_model()))
+
+
+def test_integrations_names_resolve_lazily():
+    import slimfit_fx.integrations as integrations
+    from slimfit_fx.integrations import distributed, huggingface
+
+    assert integrations.SlimFitCallback is huggingface.SlimFitCallback
+    assert integrations.wrap_ddp is distributed.wrap_ddp
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        integrations.nope

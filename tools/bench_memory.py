@@ -28,7 +28,7 @@ compiler for inductor) gets a row that says why; the others go on.
 Writes ``<out>.json`` and ``<out>.md`` (default ``results/bench_memory_<model>``) with the machine,
 versions, date and command line, and prints the markdown.
 
-    python tools/bench_memory.py --model bert-base --batch 32 --repeats 3
+    python tools/bench_memory.py --model bert-base --batch 32 --repeats 3 --docs docs/BENCHMARKS.md
     python tools/bench_memory.py --model bert-tiny --batch 2 --repeats 1 --settings pytorch,slimfit
 """
 from __future__ import annotations
@@ -499,12 +499,18 @@ def main(argv=None) -> int:
                     help="FrozenStateStore mode of the slimfit+offload row")
     ap.add_argument("--out", default=None, help="output path without suffix (default results/bench_memory_<model>)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the markdown of a saved result (next to it)")
+    ap.add_argument("--docs", default=None, metavar="MD",
+                    help="also put the table into this page (e.g. docs/BENCHMARKS.md), between the markers "
+                         "<!-- BEGIN bench_memory <model> --> and <!-- END bench_memory <model> -->")
     args = ap.parse_args(argv)
     if args.render:
         path = Path(args.render)
-        md = markdown(json.loads(path.read_text()))
+        result = json.loads(path.read_text())
+        md = markdown(result)
         path.with_suffix(".md").write_text(md)
         print(md)
+        if args.docs:
+            update_docs(Path(args.docs), result["args"]["model"], md)
         return 0
     argv_used = sys.argv[1:] if argv is None else list(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -550,7 +556,23 @@ def main(argv=None) -> int:
     out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     out.with_suffix(".md").write_text(md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    if args.docs:
+        update_docs(Path(args.docs), args.model, md)
     return 0
+
+
+def update_docs(page: Path, model: str, md: str) -> None:
+    """Replace (or append) the section of ``model`` in ``page`` between its markers."""
+    begin, end = f"<!-- BEGIN bench_memory {model} -->", f"<!-- END bench_memory {model} -->"
+    text = page.read_text() if page.exists() else ""
+    block = f"{begin}\n{md.rstrip()}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    page.write_text(text)
+    print(f"updated {page} ({model})")
 
 
 if __name__ == "__main__":
