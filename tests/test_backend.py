@@ -265,17 +265,18 @@ def test_scheduler_changes_the_frozen_set_every_step_without_recompiles():
     compiled = slimfit_fx.compile(model, mode="compiled")
     optimizer = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
     scheduler = slimfit_fx.Scheduler(compiled, optimizer, policy=slimfit_fx.Ratio(0.9))
-    with dynamo_log() as (recompiles, _):
-        for _ in range(30):
+    with dynamo_log() as (recompiles, messages):
+        for _ in range(100):  # the bar: 100 iterations of Ratio(0.9)
             frozen = set(scheduler.frozen)
             compiled(**inputs).loss.backward()
             for n, p in model.named_parameters():
                 assert (p.grad is None) == (n in frozen), n
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    assert len({s for _, s in scheduler.history}) >= 20
-    assert counters["stats"]["unique_graphs"] == 1
+    assert len({s for _, s in scheduler.history}) >= 30  # 42 distinct frozen sets in this run
+    assert counters["stats"]["unique_graphs"] == 1  # bound: one graph at a fixed batch shape
     assert not any("requires_grad" in r for r in recompiles), recompiles
+    assert not any("recompile_limit" in m for m in messages)
 
 
 def test_without_the_guard_filter_each_frozen_set_recompiles_and_the_backend_says_so():
