@@ -396,3 +396,21 @@ def test_budget_on_a_compiled_module_does_not_analyse_the_example_shape_again(mo
     monkeypatch.setattr(sched, "_plan_for", lambda *a: calls.append(a))
     _train(module, opt, x, 2)  # batches shaped like the example inputs: priced already
     assert calls == [] and sched.history[0] == first[0]
+
+
+def test_budget_too_tight_for_all_stale_layers_at_once_records_the_overrun():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-2)
+    probe = Scheduler(module, torch.optim.SGD(module.parameters(), lr=1e-2), Ratio(0.5))
+    layers = probe.layers
+    probe.remove()
+    plan = module.plan
+    base = plan.predict(frozen=layers).total
+    budget = base + max(plan.predict(frozen=set(layers) - {n}).total - base for n in layers)  # ~one layer at a time
+    with pytest.warns(RuntimeWarning, match="wait longer"):
+        sched = Scheduler(module, opt, Budget(budget), max_frozen_steps=2)
+        _train(module, opt, x, 8)
+    assert sched.staleness_overruns and all(late for _, late in sched.staleness_overruns)
+    # Most stale first: every layer still gets its turn.
+    assert all(any(n not in frozen for _, frozen in sched.history) for n in layers)
