@@ -175,15 +175,13 @@ class Freeze(Setting):
         self.plan = self.bench.plain_plan
 
 
-class SlimFit(Setting):
+class SlimFit(Freeze):
+    """The same frozen set as ``pytorch+freeze``, through ``slimfit_fx.compile``."""
+
     name, has_plan = "slimfit", True
 
-    def __init__(self, bench):
-        super().__init__(bench)
-        self.frozen = bench.frozen
-
     def setup(self):
-        super().setup()
+        Setting.setup(self)
         self.module = self.bench.slimfit_module()
         self.plan = self.module.plan
 
