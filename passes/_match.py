@@ -5,7 +5,7 @@ from typing import Callable, Iterator
 
 from torch import fx, nn
 
-from slimfit_fx.analysis import op_key
+from slimfit_fx.analysis import cast_source, op_key
 
 
 def nodes_of(gm: fx.GraphModule, *keys: str) -> Iterator[fx.Node]:
@@ -23,6 +23,35 @@ def is_parameter(gm: fx.GraphModule, node) -> bool:
         return isinstance(gm.get_parameter(node.target), nn.Parameter)
     except AttributeError:
         return False
+
+
+def weight_source(gm: fx.GraphModule, node) -> tuple[fx.Node, object] | None:
+    """``(parameter node, compute dtype)`` for a weight argument: a parameter ``(p, None)``, or
+    autocast's cast of one ``(p, dtype)``; None for anything else."""
+    if is_parameter(gm, node):
+        return node, None
+    src = cast_source(node)
+    if src is not None and is_parameter(gm, src):
+        return src, node.meta["val"].dtype
+    return None
+
+
+def bias_source(gm: fx.GraphModule, node, dtype):
+    """The bias to hand an op that casts to ``dtype`` itself: the parameter behind autocast's cast."""
+    src = cast_source(node)
+    if dtype is not None and src is not None and is_parameter(gm, src):
+        return src
+    return node
+
+
+def addmm_as_linear(gm: fx.GraphModule, node: fx.Node, weight: fx.Node, dtype) -> tuple:
+    """``(x, W.t(), b)`` such that ``linear(x, W.t(), b)`` runs the very ``addmm(b, x, W)`` of ``node``."""
+    import torch
+
+    bias, x = node.args[0], node.args[1]
+    with gm.graph.inserting_before(node):
+        weight_t = gm.graph.call_function(torch.ops.aten.t.default, (weight,))
+    return x, weight_t, bias_source(gm, bias, dtype)
 
 
 def replace_call(node: fx.Node, target: Callable, args: tuple, kwargs: dict | None = None, note: str = "") -> fx.Node:

@@ -1,8 +1,8 @@
 """Pass: LayerNorm keeps a pruned copy of its normalized input while its weight is frozen.
 
 Matches ``aten.layer_norm(x, shape, weight, bias, eps, ...)`` whose weight is a
-parameter.  Emits ``slimfit_fx.ops.layernorm.layer_norm_pruned(x, shape,
-weight, bias, eps, keep_ratio)``, which decides at run time: trainable weight,
+parameter (or autocast's cast of one).  Emits ``slimfit_fx.ops.layernorm.layer_norm_pruned(x,
+shape, weight, bias, eps, keep_ratio, dtype)``, which decides at run time: trainable weight,
 eager behaviour; frozen weight, top ``keep_ratio`` of |x_hat| per row plus
 1/sigma.  Rewrites ``gm`` in place and returns it.
 """
@@ -13,18 +13,20 @@ from torch import fx
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops.layernorm import layer_norm_pruned
 
-from ._match import arg, is_parameter, nodes_of, replace_call
+from ._match import arg, bias_source, nodes_of, replace_call, weight_source
 
 
 def prune_layernorm(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
     if not config.prune_layernorm:
         return gm
     for node in nodes_of(gm, "aten.layer_norm"):
-        weight = arg(node, 2, "weight")
-        if not is_parameter(gm, weight):
+        source = weight_source(gm, arg(node, 2, "weight"))
+        if source is None:
             continue  # no weight to freeze: nothing to gate on
-        args = (node.args[0], tuple(arg(node, 1, "normalized_shape")), weight, arg(node, 3, "bias"),
-                arg(node, 4, "eps", 1e-5), config.layernorm_keep_ratio)
+        weight, dtype = source
+        args = (node.args[0], tuple(arg(node, 1, "normalized_shape")), weight,
+                bias_source(gm, arg(node, 3, "bias"), dtype), arg(node, 4, "eps", 1e-5),
+                config.layernorm_keep_ratio, dtype)
         replace_call(node, layer_norm_pruned, args, note=f"layernorm pruned to {config.layernorm_keep_ratio:g} when frozen")
     gm.recompile()
     return gm

@@ -2,10 +2,11 @@
 
 Matches, on the op table's roles (slimfit_fx.analysis):
 - ``aten.linear`` fed by a GELU (the FFN-out Linear): emits
-  ``ops.gated.gated_linear(x, W, b, fmt)``, keeping x in ``ffn_out_input_format``
-  while W trains;
+  ``ops.gated.gated_linear(x, W, b, fmt, dtype)``, keeping x in ``ffn_out_input_format``
+  while W trains (under autocast W and b are the parameters behind autocast's casts,
+  and ``dtype`` the cast's dtype: the op casts them itself);
 - ``aten.addmm(b, x, W)`` fed by a GELU (GPT-2's Conv1D FFN-out): emits
-  ``gated_linear(x, W.t(), b, fmt)``, which runs the same addmm;
+  ``gated_linear(x, W.t(), b, fmt, dtype)``, which runs the same addmm;
 - ``aten.gelu``: emits ``ops.gelu.gelu_quantized`` keeping its input in
   ``gelu_input_format``; a tanh GELU spelled out in ops
   (``analysis.match_tanh_gelu``, GPT-2's ``gelu_new``) becomes one
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 from torch import fx
 
-import torch
-
 from slimfit_fx.analysis import match_tanh_gelu, produced_by_gelu, quantized_attention_wins, sdpa_backend
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
@@ -30,7 +29,7 @@ from slimfit_fx.ops.attention import attention_quantized
 from slimfit_fx.ops.gated import gated_linear
 from slimfit_fx.ops.gelu import gelu_quantized, tanh_gelu_quantized
 
-from ._match import arg, is_parameter, nodes_of, replace_call
+from ._match import addmm_as_linear, arg, bias_source, nodes_of, replace_call, weight_source
 
 
 def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
@@ -39,14 +38,15 @@ def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphM
     if fmt is not None:
         for node in nodes_of(gm, "aten.linear"):
             if produced_by_gelu(node.args[0]):
-                replace_call(node, gated_linear, (node.args[0], node.args[1], arg(node, 2, "bias"), fmt_to_args(fmt)),
+                weight, dtype = weight_source(gm, node.args[1]) or (node.args[1], None)
+                bias = bias_source(gm, arg(node, 2, "bias"), dtype)
+                replace_call(node, gated_linear, (node.args[0], weight, bias, fmt_to_args(fmt), dtype),
                              note="FFN-out input quantized while trainable")
         for node in nodes_of(gm, "aten.addmm"):
             bias, x, weight = node.args[:3]
-            if produced_by_gelu(x) and is_parameter(gm, weight) and not node.kwargs:
-                with gm.graph.inserting_before(node):
-                    weight_t = gm.graph.call_function(torch.ops.aten.t.default, (weight,))
-                replace_call(node, gated_linear, (x, weight_t, bias, fmt_to_args(fmt)),
+            source = weight_source(gm, weight)
+            if produced_by_gelu(x) and source is not None and not node.kwargs:
+                replace_call(node, gated_linear, addmm_as_linear(gm, node, *source) + (fmt_to_args(fmt), source[1]),
                              note="FFN-out input quantized while trainable")
     if config.gelu_input_format is not None:
         for node in nodes_of(gm, "aten.mul"):

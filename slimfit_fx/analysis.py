@@ -82,11 +82,20 @@ class Save:
 
 @dataclass
 class OpContext:
-    """What a rule may consult besides the node: the SlimFit config and parameter roles."""
+    """What a rule may consult besides the node: the SlimFit config and parameter roles.
+
+    ``is_param(node)``: ``node`` is a parameter, a view of one, or a dtype cast of one
+    (autocast's low-precision weight copy): a freezable weight.
+    """
 
     config: SlimFitConfig | None
     is_param: Callable[[fx.Node], bool]
-    param_of: Callable[[fx.Node], "str | None"]
+
+    def absorbs_cast(self, weight) -> bool:
+        """Whether the rewritten op takes the parameter behind this autocast cast and casts it
+        again in backward, so the low-precision copy is never kept (``SlimFitConfig.recast_weights``)."""
+        return (self.config is not None and self.config.recast_weights and cast_source(weight) is not None
+                and self.is_param(weight))
 
 
 Rule = Callable[[fx.Node, OpContext], list[Save]]
@@ -189,11 +198,15 @@ def _addmm(node, ctx):
     projection whose input the config may keep quantized while W trains."""
     saves = _mm_like(1, 2)(node, ctx)
     fmt = ctx.config.ffn_out_input_format if ctx.config is not None else None
-    if produced_by_gelu(_arg(node, 1)) and ctx.is_param(_arg(node, 2)):
+    ffn_out = produced_by_gelu(_arg(node, 1)) and ctx.is_param(_arg(node, 2))
+    if ffn_out:
         first = saves[0]
         copy = fmt.nbytes(_numel(_arg(node, 1))) if fmt is not None else None
         saves[0] = Save(first.source, first.index, first.when, "ffn_out_input", copy_bytes=copy,
                         fmt="ffn_out_input" if fmt is not None else "full")
+    if ctx.absorbs_cast(_arg(node, 2)) or (ffn_out and fmt is not None and cast_source(_arg(node, 2)) is not None):
+        # (ffn_out implies a parameter behind the cast)
+        saves = saves[:1]  # the rewritten op keeps the parameter, not its cast copy
     return saves
 
 
@@ -230,7 +243,8 @@ def _matmul(node, ctx):
 
 
 def _linear(node, ctx):
-    """aten.linear(x, W, b): x kept for dW (dynamic), W kept for dx (a parameter, not an activation)."""
+    """aten.linear(x, W, b): x kept for dW (dynamic), W kept for dx (a parameter, not an activation;
+    under autocast W is a low-precision copy, kept unless the rewritten op casts the parameter again)."""
     x = _val(_arg(node, 0))
     saves = []
     in_features = _hint(x.shape[-1])
@@ -242,8 +256,14 @@ def _linear(node, ctx):
     if ctx.config is not None and role == "ffn_out_input" and ctx.config.ffn_out_input_format is not None:
         copy = ctx.config.ffn_out_input_format.nbytes(_numel(_arg(node, 0)))
         fmt_name = "ffn_out_input"
+    weight = _arg(node, 1)
+    absorbed = ctx.absorbs_cast(weight) or (fmt_name == "ffn_out_input" and cast_source(weight) is not None
+                                            and ctx.is_param(weight))
+    if absorbed and fmt_name == "full":
+        copy = None  # ops.gated.gated_linear keeps x itself, not linear's 2-D copy
     saves.append(Save("arg", 0, (1,), role, copy_bytes=copy, fmt=fmt_name))
-    saves.append(Save("arg", 1, (0,), "weight"))
+    if not absorbed:  # the rewritten op keeps the parameter and casts it again in backward
+        saves.append(Save("arg", 1, (0,), "weight"))
     return saves
 
 
@@ -310,13 +330,28 @@ def match_tanh_gelu(out: fx.Node) -> tuple[fx.Node, list[fx.Node], tuple] | None
     return None
 
 
+_CAST_OPS = {"aten._to_copy", "aten.to"}
+
+
+def cast_source(node) -> fx.Node | None:
+    """The input of ``node`` when it is a pure dtype cast (autocast's, or ``x.to(dtype)``), else None."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) in _CAST_OPS):
+        return None
+    src, out = node.args[0] if node.args else None, _val(node)
+    if _val(src) is None or out is None or out.device != _val(src).device:
+        return None
+    if set(node.kwargs) - {"dtype"} or any(not isinstance(a, torch.dtype) for a in node.args[1:]):
+        return None
+    return src
+
+
 def produced_by_gelu(node) -> bool:
     """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)
         if key == "aten.gelu" or match_tanh_gelu(node) is not None:
             return True
-        if key in _VIEW_OPS and key != "aten.dropout":
+        if (key in _VIEW_OPS and key != "aten.dropout") or cast_source(node) is not None:
             node = node.args[0]
             continue
         return False
@@ -329,10 +364,12 @@ def _conv(node, ctx):
     PyTorch; the input only serves the weight gradient, hence dynamic.  The freeze
     gate (which leaves string paddings such as "same" alone) makes it conditional on
     the weight."""
-    gated = (ctx.config is not None and ctx.config.freeze_gate
+    gated = (ctx.config is not None and ctx.config.freeze_gate and ctx.is_param(_arg(node, 1))
              and not isinstance(_arg(node, 4, "padding"), str))
-    return [Save("arg", 0, (1,) if gated else (), "conv_input", serves=(1,)),
-            Save("arg", 1, () if not gated else (0,), "weight", serves=(0,))]
+    saves = [Save("arg", 0, (1,) if gated else (), "conv_input", serves=(1,))]
+    if not (gated and cast_source(_arg(node, 1)) is not None):  # a gated conv casts the parameter itself
+        saves.append(Save("arg", 1, () if not gated else (0,), "weight", serves=(0,)))
+    return saves
 
 
 def _embedding(node, ctx):
@@ -360,6 +397,10 @@ def _layer_norm(node, ctx):
         Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="mean", fmt=variant),
         Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="rstd", fmt=variant),
     ]
+    if not (pruning and ctx.is_param(_arg(node, 2, "weight"))):
+        # Parameters are not activations, but an autocast copy of them is (CUDA's fp32 LayerNorm
+        # of bf16 weights); the pruning pass casts the parameters itself.
+        full += [Save("arg", i, (), "weight", fmt=variant) for i in (2, 3) if cast_source(_arg(node, i)) is not None]
     if not pruning:
         return full
     # Frozen weight: only the input's gradient needs anything (the bias gets sum(g)).
@@ -489,10 +530,14 @@ def _sdpa_plain(node) -> list[Save]:
         return saves
     # Math path: q and k^T are scaled copies, softmax output and (in training with
     # dropout) the float mask and the dropped probabilities are kept; v is folded to
-    # 3-D for bmm, which copies it unless its batch dims merge as a view.
+    # 3-D for bmm, which copies it unless its batch dims merge as a view.  On the CPU
+    # the math path computes bf16/fp16 in fp32: every one of these is an fp32 copy.
     batch = math.prod(lead)
     v_copy = None
-    if _reshape_copies(v, [batch, _hint(vv.shape[-2]), _hint(vv.shape[-1])]):
+    if qv.device.type == "cpu" and qv.dtype in (torch.bfloat16, torch.float16):
+        item = 4
+        v_copy = _numel(v) * item
+    elif _reshape_copies(v, [batch, _hint(vv.shape[-2]), _hint(vv.shape[-1])]):
         v_copy = _numel(v) * item
     saves = [
         Save("new", 0, (1,), "attn_qk", copy_bytes=_numel(q) * item, share="q_scaled"),
@@ -827,18 +872,25 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         if name in storage_key:
             root_of.setdefault(storage_key[name], name)
 
-    def param_of(node: fx.Node) -> str | None:
-        # Look through views: weight.t() is still the parameter.
+    def param_of(node: fx.Node, through_casts: bool = False) -> str | None:
+        # Look through views (weight.t() is still the parameter's storage) and, for ownership,
+        # through dtype casts (autocast's low-precision copy gets its gradient to the parameter).
         while isinstance(node, fx.Node):
             if node.name in param_node:
                 return param_node[node.name]
             if node.op == "call_function" and op_key(node.target) in _VIEW_OPS - {"aten.dropout"}:
                 node = node.args[0]
                 continue
+            if through_casts and cast_source(node) is not None:
+                node = node.args[0]
+                continue
             return None
         return None
 
-    ctx = OpContext(config=config, is_param=lambda n: param_of(n) is not None, param_of=param_of)
+    def weight_of(node: fx.Node) -> str | None:
+        return param_of(node, through_casts=True)
+
+    ctx = OpContext(config=config, is_param=lambda n: weight_of(n) is not None)
     ids = _StorageIds()
     storages: list[SavedStorage] = []
     uses: list[SavedUse] = []
@@ -899,7 +951,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             unknown[key] = unknown.get(key, 0) + 1
             rule = _unknown_rule
         if key in ("aten.layer_norm", "aten.native_layer_norm"):
-            ln_weight[n.name] = param_of(_arg(n, 2, "weight")) if _arg(n, 2, "weight") is not None else None
+            ln_weight[n.name] = weight_of(_arg(n, 2, "weight")) if _arg(n, 2, "weight") is not None else None
         for i, save in enumerate(rule(n, ctx)):
             if save.source == "arg":
                 src = arg_of(n, save.index)
@@ -929,7 +981,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
                 continue  # the condition names only constants: never requires grad
             serves = save.when if save.serves is None else save.serves
             serve_nodes = [arg_of(n, j) for j in serves if isinstance(arg_of(n, j), fx.Node)]
-            owners = tuple(canonical.get(param_of(s_), param_of(s_)) for s_ in serve_nodes)
+            owners = tuple(canonical.get(weight_of(s_), weight_of(s_)) for s_ in serve_nodes)
             owners = owners if owners and all(o is not None for o in owners) else ()
             use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt)
             storages[sid].uses.append(len(uses))

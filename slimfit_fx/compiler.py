@@ -14,6 +14,7 @@ from torch import fx, nn
 from .analysis import analyze_graph
 from .config import SlimFitConfig
 from .memory import MemoryPlan
+from .precision import autocast_disabled, autocast_state
 from .trace import _share_with_model, normalize_inputs, shape_signature, trace
 
 __all__ = ["analyze", "plan_for_graph", "compile", "SlimFitModule"]
@@ -25,9 +26,11 @@ def _passes():
     from .passes.freeze_gate import freeze_gate
     from .passes.prune_layernorm import prune_layernorm
     from .passes.quantize_activations import quantize_activations
+    from .passes.recast_weights import recast_weights
 
-    # quantize_activations first: it finds FFN-out Linears by their (still ATen) GELU producer.
-    return [quantize_activations, prune_layernorm, regenerate_dropout_masks, freeze_gate]
+    # quantize_activations first: it finds FFN-out Linears by their (still ATen) GELU producer;
+    # recast_weights after it: it takes the Linears left over.
+    return [quantize_activations, recast_weights, prune_layernorm, regenerate_dropout_masks, freeze_gate]
 
 
 def plan_for_graph(gm, config: SlimFitConfig | None = None, model: nn.Module | None = None) -> MemoryPlan:
@@ -76,7 +79,7 @@ def _refuse_sharded(module: nn.Module) -> None:
 
 def _structure(args: tuple, kwargs: dict) -> tuple:
     """What a captured graph is specialised on: which arguments are tensors, of what rank
-    and dtype (batch and sequence lengths are symbolic)."""
+    and dtype (batch and sequence lengths are symbolic), and the autocast state."""
 
     def sig(v):
         if isinstance(v, torch.Tensor):
@@ -85,7 +88,7 @@ def _structure(args: tuple, kwargs: dict) -> tuple:
             return ("const", v)
         return ("other", type(v).__name__)
 
-    return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+    return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())), autocast_state())
 
 
 class SlimFitModule(nn.Module):
@@ -142,7 +145,8 @@ class SlimFitModule(nn.Module):
             return self.original(*args, **kwargs)
         self._check_parameters()
         gm = self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
-        return gm(*args, **kwargs)
+        with autocast_disabled(gm.meta.get("autocast")):  # its casts are explicit nodes (precision.py)
+            return gm(*args, **kwargs)
 
     def _check_parameters(self) -> None:
         """Refuse FSDP2 sharding, and follow parameters the user replaced (``model.fc.weight =

@@ -77,6 +77,8 @@ class SlimFitConfig:
     """Which rewrites run, and the format of each class of saved activation.
 
     Fields named ``*_format`` are ``QuantFormat`` or ``None`` (kept in full precision).
+    ``recast_weights``: under autocast, Linear/Conv keep the parameter rather than its
+    low-precision copy and cast it again in backward (eager PyTorch keeps the copy).
     """
 
     freeze_gate: bool = True
@@ -90,6 +92,7 @@ class SlimFitConfig:
     prune_layernorm: bool = True
     layernorm_keep_ratio: float = 0.1
     dropout_without_masks: bool = True
+    recast_weights: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -116,6 +119,7 @@ class SlimFitConfig:
             ffn_out_input_format=None,
             prune_layernorm=False,
             dropout_without_masks=False,
+            recast_weights=False,
         )
 
     @classmethod

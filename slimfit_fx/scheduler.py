@@ -45,6 +45,7 @@ from torch import nn
 
 from .analysis import layer_parameters
 from .config import ConfigError
+from .precision import autocast_enabled
 from .trace import shape_signature as _shape_signature
 
 __all__ = ["Ratio", "Budget", "Scheduler", "SchedulerError"]
@@ -420,7 +421,9 @@ class Scheduler:
             for p in self.params:  # the analysis prices every layer: capture with all of them trainable
                 p.requires_grad_(True)
             try:
-                return analyze(model, example, config)
+                sig = self._last_signature
+                with autocast_enabled(sig[-1] if isinstance(sig, tuple) else ()):
+                    return analyze(model, example, config)  # in the precision the batch ran in
             finally:
                 for p, r in zip(self.params, requires):
                     p.requires_grad_(r)

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 import torch
 from torch import fx, nn
 
+from .precision import autocast_state, materialize_autocast
+
 __all__ = ["TraceError", "trace", "normalize_inputs", "Inputs"]
 
 
@@ -60,13 +62,14 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
 
 
 def shape_signature(args: tuple, kwargs: dict) -> tuple:
-    """Shapes and dtypes of a call's tensor arguments (types of the rest): what a memory plan depends on."""
+    """Shapes and dtypes of a call's tensor arguments (types of the rest) and the autocast state:
+    what a memory plan depends on."""
     def sig(v):
         if isinstance(v, torch.Tensor):
             return ("t", tuple(v.shape), v.dtype)
         return ("v", type(v).__name__)
 
-    return tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items()))
+    return tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())), autocast_state()
 
 
 def _wants_no_cache(model: nn.Module, inputs: Inputs) -> bool:
@@ -201,12 +204,16 @@ def trace(
     ``example_inputs``: dict of keyword arguments or tuple of positional ones.
     ``dynamic``: batch and sequence dims symbolic (one graph serves other shapes).
     The graph is captured in the model's current mode (``model.training``): dropout
-    is kept in train mode.  Raises ``TraceError`` with the model class, the failing
+    is kept in train mode.  Under ``torch.autocast`` the casts autocast makes become
+    explicit nodes and ``gm.meta["autocast"]`` records the state: run such a graph
+    inside ``slimfit_fx.precision.autocast_disabled(gm.meta["autocast"])``.
+    Raises ``TraceError`` with the model class, the failing
     construct and what to try when the model cannot be captured.
     """
     if not isinstance(model, nn.Module):
         raise TraceError(f"trace() needs an nn.Module, got {type(model).__name__}.")
     inputs = normalize_inputs(example_inputs)
+    autocast = autocast_state()
     target = _ExplicitKwargs.wrap_if_needed(model, inputs) if dynamic else model
     shapes = _dynamic_shapes(target, inputs) if dynamic else None
     try:
@@ -224,6 +231,7 @@ def trace(
         raise TraceError("\n".join(lines)) from exc
 
     _share_with_model(gm, model)
+    materialize_autocast(gm, autocast)
     gm.meta["training"] = model.training
     gm.meta["example_inputs"] = inputs
     gm.meta["model_class"] = type(model).__name__

@@ -47,11 +47,13 @@ class _Attention(torch.autograd.Function):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
                                              scale=scale, enable_gqa=enable_gqa)
         heads = q.shape[-3]
-        probs = _scores_softmax(q, _repeat_kv(k, heads), mask, is_causal, scale)
+        acc = _accumulate_dtype(q.dtype)  # as the kernels do: softmax and its backward in fp32
+        probs = _scores_softmax(q.to(acc), _repeat_kv(k, heads).to(acc), mask, is_causal, scale)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         ctx.dropout_p, ctx.scale, ctx.heads = dropout_p, scale, heads
         ctx.kv_heads = k.shape[-3]
-        ctx.probs_meta = (probs.shape, probs.dtype, probs.device)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        ctx.probs_meta = (probs.shape, q.dtype, probs.device)
         qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
         _saved.save(
             ctx,
@@ -67,25 +69,33 @@ class _Attention(torch.autograd.Function):
     def backward(ctx, grad):
         q, k, v, probs, state = _saved.load(ctx)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        probs = probs.to(grad.dtype)
+        acc = _accumulate_dtype(grad.dtype)
+        grad, probs = grad.to(acc), probs.to(acc)
+        # Quantized rows no longer sum to one; renormalised, the softmax gradient's rows sum to zero
+        # again, so what softmax is blind to (a key bias) gets no spurious gradient.
+        probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
         if ctx.dropout_p > 0:
             shape, dtype, device = ctx.probs_meta
-            noise = replay_mask(state, shape, dtype, device, ctx.dropout_p).to(grad.dtype)
+            noise = replay_mask(state, shape, dtype, device, ctx.dropout_p).to(acc)
         else:
             noise = None
         dq = dk = dv = None
         if need_v:
             dropped = probs if noise is None else probs * noise
-            dv = _sum_heads(dropped.transpose(-1, -2) @ grad, ctx.kv_heads)
+            dv = _sum_heads(dropped.transpose(-1, -2) @ grad, ctx.kv_heads).to(ctx.dtypes[2])
         if need_q or need_k:
-            d_dropped = grad @ _repeat_kv(v.to(grad.dtype), ctx.heads).transpose(-1, -2)
+            d_dropped = grad @ _repeat_kv(v.to(acc), ctx.heads).transpose(-1, -2)
             d_probs = d_dropped if noise is None else d_dropped * noise
             d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
             if need_q:
-                dq = (d_scores @ _repeat_kv(k.to(grad.dtype), ctx.heads)) * ctx.scale
+                dq = ((d_scores @ _repeat_kv(k.to(acc), ctx.heads)) * ctx.scale).to(ctx.dtypes[0])
             if need_k:
-                dk = _sum_heads((d_scores.transpose(-1, -2) @ q.to(grad.dtype)) * ctx.scale, ctx.kv_heads)
+                dk = _sum_heads((d_scores.transpose(-1, -2) @ q.to(acc)) * ctx.scale, ctx.kv_heads).to(ctx.dtypes[1])
         return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _sum_heads(t, kv_heads):

@@ -4,9 +4,16 @@ The gate is the weight's ``requires_grad`` at forward time: a frozen weight
 keeps no input and computes no weight gradient, yet the gradient still flows
 to the input.  Read at run time, so the frozen set may change every step
 without re-capturing.  A Linear may keep its input quantized (the paper's int8
-FFN-out input) while it trains.  Embedding (and a plain Linear) need no
-rewrite: their autograd formulas already keep the indices/input only for the
-weight gradient (checked against autograd in tests/test_op_table.py).
+FFN-out input) while it trains.
+
+``dtype``: the compute dtype under autocast.  The op takes the parameter itself,
+casts weight and bias to ``dtype`` in forward (as autocast would) and again in
+backward, so the low-precision weight copy eager autocast keeps for the input's
+gradient is never kept; gradients reach the parameters in their own dtype.
+
+Embedding (and a plain Linear outside autocast) need no rewrite: their autograd
+formulas already keep the indices/input only for the weight gradient (checked
+against autograd in tests/test_op_table.py).
 """
 from __future__ import annotations
 
@@ -16,32 +23,43 @@ import torch.nn.functional as F
 from . import _saved
 
 
+def _cast(t, dtype):
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _grad_as(g, like_dtype):
+    return g if g is None or g.dtype == like_dtype else g.to(like_dtype)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, fmt_args):
-        ctx.has_bias = bias is not None
+    def forward(ctx, x, weight, bias, fmt_args, dtype):
+        ctx.has_bias, ctx.dtype = bias is not None, dtype
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         keep_x = _saved.keep(x, _saved.fmt_from_args(fmt_args)) if weight.requires_grad else None
         _saved.save(ctx, keep_x, weight if x.requires_grad else None)
-        return F.linear(x, weight, bias)
+        return F.linear(x, _cast(weight, dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = _saved.load(ctx)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = grad @ weight
+            gx = grad @ _cast(weight, ctx.dtype)
         if ctx.needs_input_grad[1]:
             gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
+            gw = _grad_as(gw, ctx.dtypes[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return gx, gw, gb, None
+            gb = _grad_as(grad.reshape(-1, grad.shape[-1]).sum(0), ctx.dtypes[1])
+        return gx, gw, gb, None, None
 
 
-def gated_linear(x, weight, bias=None, fmt_args=None):
-    """``aten.linear`` whose input is kept (optionally quantized) only while ``weight`` trains."""
+def gated_linear(x, weight, bias=None, fmt_args=None, dtype=None):
+    """``aten.linear`` whose input is kept (optionally quantized) only while ``weight`` trains;
+    with ``dtype``, weight and bias are cast to it inside (autocast's copy is not kept)."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return F.linear(x, weight, bias)
-    return _Linear.apply(x, weight, bias, fmt_args)
+        return F.linear(x, _cast(weight, dtype), _cast(bias, dtype))
+    return _Linear.apply(x, weight, bias, fmt_args, dtype)
 
 
 _CONV_GRADS = {
@@ -53,12 +71,14 @@ _CONV_GRADS = {
 
 class _Conv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, dtype):
         ctx.conf = (stride, padding, dilation, groups)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.dtype = bias is not None, dtype
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
         _saved.save(ctx, x if weight.requires_grad else None, weight if x.requires_grad else None)
-        return _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        return _CONV[weight.dim() - 2](x, _cast(weight, dtype), _cast(bias, dtype), stride, padding, dilation,
+                                       groups)
 
     @staticmethod
     def backward(ctx, grad):
@@ -67,21 +87,22 @@ class _Conv(torch.autograd.Function):
         grad_input, grad_weight = _CONV_GRADS[len(ctx.w_shape) - 2]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = grad_input(ctx.x_shape, weight, grad, stride, padding, dilation, groups)
+            gx = grad_input(ctx.x_shape, _cast(weight, ctx.dtype), grad, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
-            gw = grad_weight(x, ctx.w_shape, grad, stride, padding, dilation, groups)
+            gw = _grad_as(grad_weight(x, ctx.w_shape, grad, stride, padding, dilation, groups), ctx.dtypes[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = grad.sum(dim=[0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None
+            gb = _grad_as(grad.sum(dim=[0] + list(range(2, grad.dim()))), ctx.dtypes[1])
+        return gx, gw, gb, None, None, None, None, None
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-def gated_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Convolution that keeps its input only while ``weight`` trains (eager keeps it always)."""
+def gated_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, dtype=None):
+    """Convolution that keeps its input only while ``weight`` trains (eager keeps it always);
+    with ``dtype``, weight and bias are cast to it inside (autocast's copy is not kept)."""
     conv = _CONV[weight.dim() - 2]
     if isinstance(padding, str) or not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias)):
-        return conv(x, weight, bias, stride, padding, dilation, groups)
-    return _Conv.apply(x, weight, bias, stride, padding, dilation, groups)
+        return conv(x, _cast(weight, dtype), _cast(bias, dtype), stride, padding, dilation, groups)
+    return _Conv.apply(x, weight, bias, stride, padding, dilation, groups, dtype)

@@ -24,11 +24,20 @@ def keep_count(row: int, keep_ratio: float) -> int:
     return max(1, math.ceil(keep_ratio * row))
 
 
+def _cast(t, dtype):
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _grad_as(g, dtype):
+    return g if g is None or dtype is None or g.dtype == dtype else g.to(dtype)
+
+
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, normalized_shape, eps, keep_ratio):
-        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
-        ctx.normalized_shape, ctx.eps = normalized_shape, eps
+    def forward(ctx, x, weight, bias, normalized_shape, eps, keep_ratio, dtype):
+        out, mean, rstd = torch.native_layer_norm(x, normalized_shape, _cast(weight, dtype), _cast(bias, dtype), eps)
+        ctx.normalized_shape, ctx.eps, ctx.dtype = normalized_shape, eps, dtype
+        ctx.dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         weight_frozen = weight is not None and not weight.requires_grad
         ctx.mode = "full" if not weight_frozen else ("pruned" if x.requires_grad else "bias_only")
@@ -49,27 +58,29 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gb = grad.reshape(-1, ctx.row).sum(0).reshape(ctx.normalized_shape) if ctx.needs_input_grad[2] else None
+        gb = _grad_as(gb, ctx.dtypes[1])
         if ctx.mode == "bias_only":
-            return None, None, gb, None, None, None
+            return None, None, gb, None, None, None, None
         if ctx.mode == "full":
             x, mean, rstd, weight, bias = _saved.load(ctx)
             mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-                grad, x, ctx.normalized_shape, mean, rstd, weight, bias, mask)
-            return gx, gw, gb, None, None, None
+                grad, x, ctx.normalized_shape, mean, rstd, _cast(weight, ctx.dtype), _cast(bias, ctx.dtype), mask)
+            return gx, _grad_as(gw, ctx.dtypes[0]), _grad_as(gb, ctx.dtypes[1]), None, None, None, None
         values, index, rstd, weight = _saved.load(ctx)
         g = grad.reshape(-1, ctx.row).float()
         x_hat = torch.zeros_like(g).scatter_(-1, index.long(), values.float())
-        gw = g * weight.reshape(1, -1).float()
+        gw = g * _cast(weight, ctx.dtype).reshape(1, -1).float()
         rstd = rstd.reshape(-1, 1)
         gx = rstd * (gw - gw.mean(-1, keepdim=True) - x_hat * (gw * x_hat).mean(-1, keepdim=True))
-        return gx.to(grad.dtype).reshape(ctx.x_shape), None, gb, None, None, None
+        return gx.to(grad.dtype).reshape(ctx.x_shape), None, gb, None, None, None, None
 
 
-def layer_norm_pruned(x, normalized_shape, weight=None, bias=None, eps=1e-5, keep_ratio=0.1):
-    """``aten.layer_norm`` whose saved input is pruned while ``weight`` is frozen."""
+def layer_norm_pruned(x, normalized_shape, weight=None, bias=None, eps=1e-5, keep_ratio=0.1, dtype=None):
+    """``aten.layer_norm`` whose saved input is pruned while ``weight`` is frozen; with ``dtype``
+    (autocast's), weight and bias are cast to it inside."""
     normalized_shape = tuple(int(s) for s in normalized_shape)
     needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs:
-        return torch.layer_norm(x, normalized_shape, weight, bias, eps)
-    return _LayerNorm.apply(x, weight, bias, normalized_shape, eps, keep_ratio)
+        return torch.layer_norm(x, normalized_shape, _cast(weight, dtype), _cast(bias, dtype), eps)
+    return _LayerNorm.apply(x, weight, bias, normalized_shape, eps, keep_ratio, dtype)
