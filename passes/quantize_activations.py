@@ -15,14 +15,17 @@ Matches, on the op table's roles (slimfit_fx.analysis):
   keeping Q/K, V and the softmax output in their formats, but only where
   ``analysis.quantized_attention_wins`` says that keeps fewer bytes than the
   kernel PyTorch would run (a fused kernel keeps no N x N matrix); the choice
-  is recorded in ``node.meta["slimfit"]`` for the report.
+  is recorded in ``node.meta["slimfit"]`` for the report; a dropout mask is kept
+  as ``SlimFitConfig.dropout_mode`` says for the graph's device.
+A tensor whose dtype the formats do not take (float64) is left unquantized, with a
+note in ``node.meta["slimfit"]`` (``analysis.format_for`` prices it the same way).
 Rewrites ``gm`` in place and returns it.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from slimfit_fx.analysis import match_tanh_gelu, produced_by_gelu, quantized_attention_wins, sdpa_backend
+from slimfit_fx.analysis import format_for, match_tanh_gelu, produced_by_gelu, quantized_attention_wins, sdpa_backend
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention import attention_quantized
@@ -33,46 +36,87 @@ from ._match import addmm_as_linear, arg, bias_source, nodes_of, replace_call, w
 
 
 def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
-    fmt = config.ffn_out_input_format
     # FFN-out Linears first: they are found by their GELU producer, before GELUs change.
-    if fmt is not None:
-        for node in nodes_of(gm, "aten.linear"):
-            if produced_by_gelu(node.args[0]):
-                weight, dtype = weight_source(gm, node.args[1]) or (node.args[1], None)
-                bias = bias_source(gm, arg(node, 2, "bias"), dtype)
-                replace_call(node, gated_linear, (node.args[0], weight, bias, fmt_to_args(fmt), dtype),
-                             note="FFN-out input quantized while trainable")
-        for node in nodes_of(gm, "aten.addmm"):
-            bias, x, weight = node.args[:3]
-            source = weight_source(gm, weight)
-            if produced_by_gelu(x) and source is not None and not node.kwargs:
-                replace_call(node, gated_linear, addmm_as_linear(gm, node, *source) + (fmt_to_args(fmt), source[1]),
-                             note="FFN-out input quantized while trainable")
-    if config.gelu_input_format is not None:
-        for node in nodes_of(gm, "aten.mul"):
-            match = match_tanh_gelu(node)
-            if match is None:
-                continue
-            x, pattern, consts = match
-            replace_call(node, tanh_gelu_quantized, (x, *consts, fmt_to_args(config.gelu_input_format)),
-                         note="tanh GELU fused, input quantized")
-            for inner in reversed(pattern[:-1]):
-                gm.graph.erase_node(inner)
-        for node in nodes_of(gm, "aten.gelu"):
-            replace_call(node, gelu_quantized,
-                         (node.args[0], arg(node, 1, "approximate", "none"), fmt_to_args(config.gelu_input_format)),
-                         note="GELU input quantized")
+    _ffn_out_linears(gm, config)
+    _gelus(gm, config)
+    _attention(gm, config)
+    gm.recompile()
+    return gm
+
+
+def _unquantized(node: fx.Node, what: str) -> None:
+    dtype = node.meta["val"].dtype
+    node.meta.setdefault("slimfit", []).append(f"{what} kept unquantized: the formats do not take {dtype}")
+
+
+def _ffn_out_linears(gm: fx.GraphModule, config: SlimFitConfig) -> None:
+    if config.ffn_out_input_format is None:
+        return
+    note = "FFN-out input quantized while trainable"
+    for node in nodes_of(gm, "aten.linear"):
+        x = node.args[0]
+        if not produced_by_gelu(x):
+            continue
+        fmt = format_for(config.ffn_out_input_format, x)
+        if fmt is None:
+            _unquantized(x, "FFN-out input")
+            continue
+        weight, dtype = weight_source(gm, node.args[1]) or (node.args[1], None)
+        bias = bias_source(gm, arg(node, 2, "bias"), dtype)
+        replace_call(node, gated_linear, (x, weight, bias, fmt_to_args(fmt), dtype), note=note)
+    for node in nodes_of(gm, "aten.addmm"):
+        x = node.args[1]
+        source = weight_source(gm, node.args[2])
+        if not produced_by_gelu(x) or source is None or node.kwargs:
+            continue
+        fmt = format_for(config.ffn_out_input_format, x)
+        if fmt is None:
+            _unquantized(x, "FFN-out input")
+            continue
+        replace_call(node, gated_linear, addmm_as_linear(gm, node, *source) + (fmt_to_args(fmt), source[1]),
+                     note=note)
+
+
+def _gelus(gm: fx.GraphModule, config: SlimFitConfig) -> None:
+    if config.gelu_input_format is None:
+        return
+    for node in nodes_of(gm, "aten.mul"):
+        match = match_tanh_gelu(node)
+        if match is None:
+            continue
+        x, pattern, consts = match
+        fmt = format_for(config.gelu_input_format, x)
+        if fmt is None:
+            _unquantized(x, "GELU input")
+            continue
+        replace_call(node, tanh_gelu_quantized, (x, *consts, fmt_to_args(fmt)), note="tanh GELU fused, input quantized")
+        for inner in reversed(pattern[:-1]):
+            gm.graph.erase_node(inner)
+    for node in nodes_of(gm, "aten.gelu"):
+        fmt = format_for(config.gelu_input_format, node.args[0])
+        if fmt is None:
+            _unquantized(node.args[0], "GELU input")
+            continue
+        replace_call(node, gelu_quantized, (node.args[0], arg(node, 1, "approximate", "none"), fmt_to_args(fmt)),
+                     note="GELU input quantized")
+
+
+def _attention(gm: fx.GraphModule, config: SlimFitConfig) -> None:
     for node in nodes_of(gm, "aten.scaled_dot_product_attention"):
         if not quantized_attention_wins(node, config):
-            node.meta.setdefault("slimfit", []).append(f"attention kept on the {sdpa_backend(node)} kernel "
-                                                       "(keeps fewer bytes than the quantized core)")
+            if config.quantizes_attention and format_for(config.attn_qk_format or config.attn_v_format
+                                                         or config.attn_probs_format, node.args[0]) is None:
+                _unquantized(node.args[0], "attention")
+            else:
+                node.meta.setdefault("slimfit", []).append(
+                    f"attention kept on the {sdpa_backend(node)} kernel (keeps fewer bytes than the quantized core)")
             continue
+        device = node.args[0].meta["val"].device.type
         kwargs = dict(
             attn_mask=arg(node, 3, "attn_mask"), dropout_p=arg(node, 4, "dropout_p", 0.0),
             is_causal=arg(node, 5, "is_causal", False), scale=node.kwargs.get("scale"),
             enable_gqa=node.kwargs.get("enable_gqa", False), qk_fmt=fmt_to_args(config.attn_qk_format),
             v_fmt=fmt_to_args(config.attn_v_format), p_fmt=fmt_to_args(config.attn_probs_format),
+            mask_mode=config.dropout_mode(device),
         )
         replace_call(node, attention_quantized, tuple(node.args[:3]), kwargs, note="attention core quantized")
-    gm.recompile()
-    return gm

@@ -32,6 +32,7 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .config import QuantFormat, SlimFitConfig
+from .quant import accepts, mask_nbytes
 
 __all__ = [
     "Save",
@@ -197,7 +198,7 @@ def _addmm(node, ctx):
     """addmm(bias, x, W) (GPT-2's Conv1D): like mm; fed by a GELU it is an FFN-out
     projection whose input the config may keep quantized while W trains."""
     saves = _mm_like(1, 2)(node, ctx)
-    fmt = ctx.config.ffn_out_input_format if ctx.config is not None else None
+    fmt = format_for(ctx.config and ctx.config.ffn_out_input_format, _arg(node, 1))
     ffn_out = produced_by_gelu(_arg(node, 1)) and ctx.is_param(_arg(node, 2))
     if ffn_out:
         first = saves[0]
@@ -253,8 +254,9 @@ def _linear(node, ctx):
         copy = _numel(_arg(node, 0)) * x.dtype.itemsize
     role = "ffn_out_input" if produced_by_gelu(_arg(node, 0)) else "linear_input"
     fmt_name = "full"
-    if ctx.config is not None and role == "ffn_out_input" and ctx.config.ffn_out_input_format is not None:
-        copy = ctx.config.ffn_out_input_format.nbytes(_numel(_arg(node, 0)))
+    ffn_fmt = format_for(ctx.config and ctx.config.ffn_out_input_format, _arg(node, 0))
+    if role == "ffn_out_input" and ffn_fmt is not None:
+        copy = ffn_fmt.nbytes(_numel(_arg(node, 0)))
         fmt_name = "ffn_out_input"
     weight = _arg(node, 1)
     absorbed = ctx.absorbs_cast(weight) or (fmt_name == "ffn_out_input" and cast_source(weight) is not None
@@ -388,8 +390,7 @@ def _layer_norm(node, ctx):
     shape = _arg(node, 1)
     row = math.prod(_hint(s) for s in shape)
     rows = _numel(_arg(node, 0)) // max(row, 1)
-    stat_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.dtype
-    stat = rows * stat_dtype.itemsize
+    stat = rows * _layer_norm_stat_dtype(node).itemsize
     pruning = ctx.config is not None and ctx.config.prune_layernorm
     variant = "ln_full" if pruning else "full"
     full = [
@@ -412,6 +413,18 @@ def _layer_norm(node, ctx):
     return full + pruned
 
 
+def _layer_norm_stat_dtype(node) -> torch.dtype:
+    """Dtype of LayerNorm's mean and 1/sigma: fp32 for fp32 and mixed inputs and on CUDA; the CPU keeps
+    a bf16/fp16 LayerNorm's statistics in bf16/fp16 when its parameters share that dtype."""
+    x = _val(_arg(node, 0))
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return x.dtype if x.dtype == torch.float64 else torch.float32
+    params = [_val(_arg(node, i)) for i in (2, 3) if _val(_arg(node, i)) is not None]
+    if x.device.type == "cpu" and all(p.dtype == x.dtype for p in params):
+        return x.dtype
+    return torch.float32
+
+
 def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
     """Bytes of a pruned LayerNorm save: top-k values and their column indices per row
     (``ops.layernorm`` keeps exactly these)."""
@@ -423,18 +436,22 @@ def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: 
 
 
 def _dropout(node, ctx):
-    """Train-mode dropout keeps its mask: float noise of the input's dtype on CPU, bool on CUDA."""
+    """Train-mode dropout keeps its mask: float noise of the input's dtype on CPU, bool on CUDA.
+    Under SlimFit (``ops.dropout``) it keeps the mask's bits or the RNG state instead."""
     p, train = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
     if not train or p == 0:
         return []
     x = _val(_arg(node, 0))
-    if ctx.config is not None and ctx.config.dropout_without_masks:
-        # The mask is replayed from the RNG state in backward: only that state is kept.
-        from .ops.dropout import rng_state_nbytes
-
-        return [Save("new", 0, (0,), "rng_state", copy_bytes=rng_state_nbytes(x.device), share="rng")]
+    if ctx.config is not None and ctx.config.compacts_dropout:
+        mode = ctx.config.dropout_mode(x.device.type)
+        return [Save("new", 0, (0,), MASK_ROLES[mode], share="mask",
+                     copy_bytes=mask_nbytes(_numel(_arg(node, 0)), mode, x.device, x.dtype))]
     per = 1 if x.device.type in ("cuda", "xpu") else x.dtype.itemsize
     return [Save("new", 0, (0,), "dropout_mask", copy_bytes=_numel(_arg(node, 0)) * per)]
+
+
+# The role of what a dropout keeps, by ``SlimFitConfig.dropout_mode``.
+MASK_ROLES = {"bits": "dropout_bits", "replay": "rng_state", "full": "dropout_mask"}
 
 
 def _native_dropout(node, ctx):
@@ -479,12 +496,14 @@ def _sdpa(node, ctx):
 
 
 def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
-    """ops.attention keeps Q, K, V and the softmax output in the config's formats (a
-    format of None keeps the tensor itself) and the RNG state instead of a mask."""
+    """ops.attention keeps Q, K, V and the softmax output (fp32 for bf16/fp16 inputs) in the
+    config's formats (a format of None keeps the tensor itself) and, with dropout, the mask's
+    bits or RNG state (``SlimFitConfig.dropout_mode``)."""
     q, k, v = (_arg(node, i) for i in range(3))
     qv = _val(q)
     lead = [_hint(s) for s in qv.shape[:-2]]
     probs_numel = math.prod(lead) * _hint(qv.shape[-2]) * _hint(_val(k).shape[-2])
+    acc = torch.float32 if qv.dtype in (torch.bfloat16, torch.float16) else qv.dtype
 
     def kept(i, when, role, fmt):
         if fmt is None:
@@ -496,12 +515,12 @@ def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
         kept(1, (0,), "attn_qk", cfg.attn_qk_format),
         kept(2, (0, 1), "attn_v", cfg.attn_v_format),
         Save("new", 0, (), "attn_probs", share="probs",
-             copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, qv.dtype.itemsize)),
+             copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, acc.itemsize)),
     ]
     if _arg(node, 4, "dropout_p", 0.0) > 0:
-        from .ops.dropout import rng_state_nbytes
-
-        saves.append(Save("new", 0, (), "rng_state", copy_bytes=rng_state_nbytes(qv.device), share="rng"))
+        mode = cfg.dropout_mode(qv.device.type)
+        saves.append(Save("new", 0, (), MASK_ROLES[mode], share="mask",
+                          copy_bytes=mask_nbytes(probs_numel, mode, qv.device, acc)))
     return saves
 
 
@@ -570,7 +589,7 @@ def quantized_attention_wins(node: fx.Node, config: SlimFitConfig) -> bool:
     """Whether the quantized attention core keeps fewer bytes than the kernel PyTorch
     picks (a fused kernel keeps no N x N matrix, so at long sequences it can win).
     The attention pass and the prediction both ask this one function."""
-    if not config.quantizes_attention:
+    if not config.quantizes_attention or not accepts(_val(_arg(node, 0)).dtype):
         return False
     return _saves_bytes(node, _sdpa_quantized(node, config)) < _saves_bytes(node, _sdpa_plain(node))
 
@@ -586,11 +605,17 @@ def _cross_entropy(node, ctx):
 
 
 def _gelu(node, ctx):
-    cfg = ctx.config
-    if cfg is not None and cfg.gelu_input_format is not None:
-        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q",
-                     copy_bytes=cfg.gelu_input_format.nbytes(_numel(_arg(node, 0))))]
+    fmt = format_for(ctx.config and ctx.config.gelu_input_format, _arg(node, 0))
+    if fmt is not None:
+        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q", copy_bytes=fmt.nbytes(_numel(_arg(node, 0))))]
     return [Save("arg", 0, (0,), "gelu_input")]
+
+
+def format_for(fmt: QuantFormat | None, node) -> QuantFormat | None:
+    """``fmt``, or None when the tensor of ``node`` has a dtype the formats do not take (float64,
+    integers): such a tensor is kept unquantized, by the prediction and the passes alike."""
+    val = _val(node)
+    return fmt if fmt is not None and val is not None and accepts(val.dtype) else None
 
 
 def _index(node, ctx):
@@ -603,8 +628,7 @@ def _fused_gelu_rule(x: fx.Node) -> Rule:
     """The saves of a matched tanh-GELU chain once fused: its input, in the GELU format."""
 
     def rule(node, ctx):
-        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q",
-                     copy_bytes=ctx.config.gelu_input_format.nbytes(_numel(x)))]
+        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q", copy_bytes=ctx.config.gelu_input_format.nbytes(_numel(x)))]
 
     return rule
 
@@ -919,7 +943,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
     if config is not None and config.gelu_input_format is not None:
         for n in gm.graph.nodes:
             match = match_tanh_gelu(n) if n.op == "call_function" else None
-            if match is not None:
+            if match is not None and format_for(config.gelu_input_format, match[0]) is not None:
                 x, pattern, _ = match
                 fused[n.name] = (x,)
                 inner.update(p.name for p in pattern[:-1])

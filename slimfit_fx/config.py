@@ -1,17 +1,22 @@
 """SlimFitConfig and its parts: dataclasses validated on construction.
 
-``SlimFitConfig()`` turns every feature on in the formats of the SlimFit paper
-(see shared/design/SLIMFIT.md section 5-7); ``SlimFitConfig.off()`` turns every
-rewrite off, so a compiled module computes exactly what the original does.
+``SlimFitConfig()`` turns every feature on, saved activations in per-group
+scale-adaptive formats at the SlimFit paper's bit widths (int8 attention and
+FFN-out inputs, 4-bit GELU inputs); ``SlimFitConfig.paper()`` uses the paper's
+own fixed-point formats instead; ``SlimFitConfig.off()`` turns every rewrite
+off, so a compiled module computes exactly what the original does.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
-__all__ = ["QuantFormat", "SlimFitConfig", "ConfigError"]
+__all__ = ["QuantFormat", "SlimFitConfig", "ConfigError", "DROPOUT_MASKS"]
 
 QUANTIZER_KINDS = ("fixed", "minmax")
+# How train-mode dropout keeps its mask for backward (SlimFitConfig.dropout_masks).
+DROPOUT_MASKS = ("auto", "bits", "replay", "full")
 
 
 class ConfigError(ValueError):
@@ -22,16 +27,18 @@ class ConfigError(ValueError):
 class QuantFormat:
     """How one class of saved activations is stored for backward.
 
-    ``kind="fixed"``: the paper's fixed-point format: value = code * step with a
-    power-of-two ``step``, round to nearest, clamp to the representable range.
-    ``kind="minmax"``: per-group min/max scaling over ``group_size`` consecutive
-    elements (one fp32 scale and one fp32 offset per group), optionally with
-    stochastic rounding, which never clips large activations.
+    ``kind="minmax"`` (the default): per group of ``group_size`` consecutive elements
+    of the flattened tensor, an fp32 scale and offset from the group's min and max;
+    nothing is clipped whatever the activations' scale.  Optional stochastic rounding.
+    ``kind="fixed"``: the SlimFit paper's fixed-point format: value = code * ``step``
+    with a power-of-two step, round to nearest, clamp to the representable range
+    (``signed`` or not).  Build them with ``QuantFormat.minmax(bits)`` and
+    ``QuantFormat.fixed(bits, step)``.
     """
 
     bits: int = 8
-    kind: str = "fixed"
-    step: float = 1 / 16
+    kind: str = "minmax"
+    step: float | None = None
     signed: bool = True
     group_size: int = 128
     stochastic: bool = False
@@ -41,19 +48,30 @@ class QuantFormat:
             raise ConfigError(f"QuantFormat.bits must be 2, 4 or 8, got {self.bits!r}")
         if self.kind not in QUANTIZER_KINDS:
             raise ConfigError(f"QuantFormat.kind must be one of {QUANTIZER_KINDS}, got {self.kind!r}")
-        if not (self.step > 0):
-            raise ConfigError(f"QuantFormat.step must be a positive number, got {self.step!r}")
         if self.kind == "fixed":
-            mantissa, exponent = _frexp(self.step)
-            if mantissa != 0.5:
+            if self.step is None or not (self.step > 0):
+                raise ConfigError(f"QuantFormat(kind='fixed') needs a positive power-of-two step (e.g. 1/16), "
+                                  f"got {self.step!r}")
+            if math.frexp(self.step)[0] != 0.5:
                 raise ConfigError(
-                    f"QuantFormat.step must be a power of two for kind='fixed' (e.g. 1/16), got {self.step!r}"
-                )
+                    f"QuantFormat.step must be a power of two for kind='fixed' (e.g. 1/16), got {self.step!r}")
+        elif self.step is not None:
+            raise ConfigError(f"QuantFormat.step applies to kind='fixed' only; kind={self.kind!r} scales each "
+                              "group by its own min and max (drop step=, or pass kind='fixed')")
         if not (isinstance(self.group_size, int) and self.group_size > 0):
             raise ConfigError(f"QuantFormat.group_size must be a positive int, got {self.group_size!r}")
 
+    @classmethod
+    def minmax(cls, bits: int = 8, group_size: int = 128, stochastic: bool = False) -> "QuantFormat":
+        return cls(bits=bits, kind="minmax", group_size=group_size, stochastic=stochastic)
+
+    @classmethod
+    def fixed(cls, bits: int, step: float, signed: bool = True, stochastic: bool = False) -> "QuantFormat":
+        return cls(bits=bits, kind="fixed", step=step, signed=signed, stochastic=stochastic)
+
     def nbytes(self, numel: int) -> int:
-        """Bytes this format takes for ``numel`` values (codes packed ``8 // bits`` per byte)."""
+        """Bytes this format takes for ``numel`` values (codes packed ``8 // bits`` per byte,
+        plus an fp32 scale and offset per group for ``minmax``)."""
         per_byte = 8 // self.bits
         codes = -(-numel // per_byte)
         if self.kind == "minmax":
@@ -62,14 +80,9 @@ class QuantFormat:
         return codes
 
 
-def _frexp(x: float) -> tuple[float, int]:
-    import math
-
-    return math.frexp(x)
-
-
-def _int8(step=1 / 16, signed=True):
-    return QuantFormat(bits=8, kind="fixed", step=step, signed=signed)
+def _formats(qk, v, probs, gelu, ffn_out) -> dict:
+    return dict(attn_qk_format=qk, attn_v_format=v, attn_probs_format=probs, gelu_input_format=gelu,
+                ffn_out_input_format=ffn_out)
 
 
 @dataclass(frozen=True)
@@ -77,21 +90,23 @@ class SlimFitConfig:
     """Which rewrites run, and the format of each class of saved activation.
 
     Fields named ``*_format`` are ``QuantFormat`` or ``None`` (kept in full precision).
+    ``dropout_masks``: how train-mode dropout keeps its mask: ``"bits"`` (one bit per
+    element), ``"replay"`` (the RNG state, the mask drawn again in backward), ``"auto"``
+    (bits on the CPU, where drawing a mask costs as much as a matmul; replay on
+    accelerators, where it is one cheap kernel) or ``"full"`` (eager PyTorch's mask).
     ``recast_weights``: under autocast, Linear/Conv keep the parameter rather than its
     low-precision copy and cast it again in backward (eager PyTorch keeps the copy).
     """
 
     freeze_gate: bool = True
-    attn_qk_format: QuantFormat | None = field(default_factory=lambda: _int8())
-    attn_v_format: QuantFormat | None = field(default_factory=lambda: _int8())
-    attn_probs_format: QuantFormat | None = field(default_factory=lambda: _int8(step=1 / 256, signed=False))
-    gelu_input_format: QuantFormat | None = field(
-        default_factory=lambda: QuantFormat(bits=4, kind="fixed", step=0.5, signed=True)
-    )
-    ffn_out_input_format: QuantFormat | None = field(default_factory=lambda: _int8())
+    attn_qk_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    attn_v_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    attn_probs_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    gelu_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(4))
+    ffn_out_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
     prune_layernorm: bool = True
     layernorm_keep_ratio: float = 0.1
-    dropout_without_masks: bool = True
+    dropout_masks: str = "auto"
     recast_weights: bool = True
 
     def __post_init__(self):
@@ -106,35 +121,43 @@ class SlimFitConfig:
                 f"SlimFitConfig.layernorm_keep_ratio must be in (0, 1], got {self.layernorm_keep_ratio!r} "
                 "(0.1 keeps the top 10% of |normalized input|)"
             )
+        if self.dropout_masks not in DROPOUT_MASKS:
+            raise ConfigError(f"SlimFitConfig.dropout_masks must be one of {DROPOUT_MASKS}, got "
+                              f"{self.dropout_masks!r}")
 
     @classmethod
     def off(cls) -> "SlimFitConfig":
         """Every rewrite off: the compiled module computes exactly what the original does."""
-        return cls(
-            freeze_gate=False,
-            attn_qk_format=None,
-            attn_v_format=None,
-            attn_probs_format=None,
-            gelu_input_format=None,
-            ffn_out_input_format=None,
-            prune_layernorm=False,
-            dropout_without_masks=False,
-            recast_weights=False,
-        )
+        return cls(freeze_gate=False, **_formats(None, None, None, None, None), prune_layernorm=False,
+                   dropout_masks="full", recast_weights=False)
+
+    @classmethod
+    def paper(cls) -> "SlimFitConfig":
+        """The SlimFit paper's fixed-point formats (absolute steps: int8 at 1/16, the softmax
+        output at 1/256, 4-bit GELU input at 0.5).  They clip activations beyond their range
+        (int8 at step 1/16 saturates at +-8): for models whose activations are of unit scale."""
+        return cls(**_formats(QuantFormat.fixed(8, 1 / 16), QuantFormat.fixed(8, 1 / 16),
+                              QuantFormat.fixed(8, 1 / 256, signed=False), QuantFormat.fixed(4, 0.5),
+                              QuantFormat.fixed(8, 1 / 16)))
 
     @classmethod
     def minmax(cls, group_size: int = 128, stochastic: bool = False) -> "SlimFitConfig":
-        """Every feature on, with the paper's bit widths but per-group min/max scaling
-        (``QuantFormat(kind="minmax")``): no clipping and no absolute step, so it
-        suits activations of any scale (e.g. small randomly initialised models)."""
+        """The default per-group min/max formats with another group size or stochastic rounding."""
         base = cls()
-        fmts = {
-            f.name: dataclasses.replace(getattr(base, f.name), kind="minmax", group_size=group_size,
-                                        stochastic=stochastic)
-            for f in dataclasses.fields(cls) if f.name.endswith("_format") and getattr(base, f.name) is not None
-        }
+        fmts = {f.name: dataclasses.replace(getattr(base, f.name), group_size=group_size, stochastic=stochastic)
+                for f in dataclasses.fields(cls) if f.name.endswith("_format") and getattr(base, f.name) is not None}
         return dataclasses.replace(base, **fmts)
 
     @property
     def quantizes_attention(self) -> bool:
         return any(f is not None for f in (self.attn_qk_format, self.attn_v_format, self.attn_probs_format))
+
+    @property
+    def compacts_dropout(self) -> bool:
+        return self.dropout_masks != "full"
+
+    def dropout_mode(self, device_type: str) -> str:
+        """``"bits"``, ``"replay"`` or ``"full"``: what dropout keeps on this device type."""
+        if self.dropout_masks == "auto":
+            return "bits" if device_type == "cpu" else "replay"
+        return self.dropout_masks

@@ -1,48 +1,29 @@
-"""Quantizers for activations saved for backward (shared/design/SLIMFIT.md section 5).
+"""Quantizers for activations saved for backward: the formats layer's public face.
 
 Only the copy saved for backward is quantized; the forward pass stays exact.
 ``quantize(x, fmt)`` returns a :class:`Quantized` whose tensors take exactly
-``fmt.nbytes(x.numel())`` bytes of storage (the memory analysis predicts saved
-bytes with that formula); ``dequantize(q)`` gives back a tensor of ``x``'s shape
-and dtype.
+``fmt.nbytes(x.numel())`` bytes (the memory analysis predicts saved bytes with
+that formula); ``dequantize(q)`` gives back a tensor of ``x``'s shape and dtype.
+Inputs: float32, bfloat16 or float16 of any shape and strides; anything else is a
+``TypeError`` (the passes keep such tensors unquantized instead).
 
 Formats (``QuantFormat.kind``):
 
-``"fixed"`` (the paper's): ``c = clamp(round(x / step), qmin, qmax)``, value = ``c * step``.
-  Signed ``b`` bits: ``qmin = -2**(b-1)``, ``qmax = 2**(b-1) - 1``; unsigned: ``0 .. 2**b - 1``.
-  Stored codes are offset binary: ``code = c + 2**(b-1)`` for signed formats, ``code = c``
-  for unsigned ones, so every stored code is in ``0 .. 2**b - 1``.  Values outside the
-  range are clamped to its ends (``+-inf`` included).
+``"minmax"`` (the default): per-group min/max scaling, computed by the
+  ``torch.ops.slimfit`` kernels (``slimfit_fx.kernels``, whose ``reference`` module
+  states the arithmetic): codes packed ``8 // bits`` per byte, an fp32 scale and
+  offset per group, error at most half a group's step (one step with stochastic
+  rounding), nothing clipped.
 
-``"minmax"`` (ours, as in ActNN/GACT): per group of ``group_size`` consecutive elements of
-  the flattened tensor (the last group may be shorter; no padding is stored) an fp32
-  ``scale = (max - min) / (2**b - 1)`` and an fp32 ``offset = min``;
-  ``code = clamp(round((x - min) / scale), 0, 2**b - 1)``, value = ``code * scale + min``.
-  Nothing is clipped: the error is at most ``scale / 2`` (one ``scale`` with stochastic
-  rounding) whatever the magnitudes.  A group whose values are all equal has ``scale = 0``,
-  all codes 0, and dequantizes to ``min`` exactly.
+``"fixed"`` (the SlimFit paper's): ``c = clamp(round(x / step), qmin, qmax)``, value
+  ``c * step``.  Signed ``b`` bits: ``qmin = -2**(b-1)``, ``qmax = 2**(b-1) - 1``;
+  unsigned: ``0 .. 2**b - 1``.  Stored codes are offset binary (``c - qmin``), packed
+  like the min/max codes.  Rounding to nearest, ties to even; NaN stores 0.0 and
+  ``+-inf`` the range ends.
 
-Rounding: round to nearest with ties to even (``torch.round``); with ``fmt.stochastic``,
-``floor(v + u)`` with ``u ~ U[0, 1)`` drawn from ``generator`` (the global RNG of the
-tensor's device when ``None``: note that this advances it, so pass a generator where the
-RNG stream must stay the one of the unquantized model).  Stochastic rounding is unbiased
-for values inside the range and never off by one step or more.
-
-Packing: for ``bits < 8`` the codes are packed ``8 // bits`` per byte, the first element in
-the lowest bits (``pack`` / ``unpack``); a trailing partial byte is zero-filled.
-
-Non-finite input (documented behaviour, no error, no host sync):
-  * fixed: NaN is stored as the code of 0.0 and dequantizes to 0.0; ``+inf`` / ``-inf``
-    are clamped to the largest / smallest representable value.
-  * minmax: NaN is replaced by 0.0 and ``+-inf`` (and finite values beyond it) by
-    ``+-float32_max / 2`` before the group min/max are taken, so a group holding an
-    infinity dequantizes to huge (~1.7e38) but finite values in that group, and NaN to
-    a value within ``scale / 2`` of 0.0.
-  The forward pass is exact, so a non-finite activation still shows up in the loss.
-
-Computation is vectorized and device generic (CPU and CUDA); the temporaries are one
-full-size copy of the input (in the input's floating dtype for deterministic fixed-point,
-fp32 otherwise) plus the uint8 codes.
+Stochastic rounding draws from ``generator`` (fixed: uniform noise on ``x``'s device;
+minmax: a 62-bit seed for the kernel's own counter-based generator), never from the
+global RNG, so dropout masks stay those of the unquantized model.
 """
 from __future__ import annotations
 
@@ -54,11 +35,31 @@ import torch
 from torch import Tensor
 
 from .config import QuantFormat
+from .kernels import library as _kernels
+from .kernels.reference import pack_codes, unpack_codes
 
-__all__ = ["Quantized", "QuantMeta", "quantize", "dequantize", "pack", "unpack"]
+__all__ = ["Quantized", "QuantMeta", "quantize", "dequantize", "pack", "unpack", "accepts", "mask_nbytes"]
 
-# minmax: non-finite and huge inputs are clamped to +-_BIG so that max - min stays finite.
-_BIG = torch.finfo(torch.float32).max / 2
+_RNG_STATE_BYTES = {"cuda": 16}  # a Philox seed and offset; the CPU's Mersenne state is read off torch
+
+
+def mask_nbytes(numel: int, mode: str, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes a dropout mask of ``numel`` elements of ``dtype`` keeps in ``mode`` (``ops.dropout.keep_mask``):
+    ``"bits"`` one bit each; ``"replay"`` the RNG state; ``"full"`` eager's mask (the CPU's float noise,
+    CUDA's bool mask)."""
+    if mode == "bits":
+        return -(-numel // 8)
+    if mode == "full":
+        return numel * (dtype.itemsize if device.type == "cpu" else 1)
+    if device.type in _RNG_STATE_BYTES:
+        return _RNG_STATE_BYTES[device.type]
+    state = torch.get_rng_state()
+    return state.numel() * state.element_size()
+
+
+def accepts(dtype: torch.dtype) -> bool:
+    """Whether the formats take activations of this dtype (float32, bfloat16, float16)."""
+    return dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,8 @@ class Quantized:
 
     ``codes``: uint8, 1-D, ``ceil(numel / (8 // bits))`` bytes (packed when ``bits < 8``).
     ``scale``, ``offset``: fp32, one per group, for ``kind="minmax"``; ``None`` for ``"fixed"``.
-
-    In an autograd Function::
-
-        q = quantize(x, fmt)
-        ctx.save_for_backward(*q.tensors())
-        ctx.qmeta = q.meta
-        ...
-        x_hat = dequantize(ctx.qmeta.rebuild(ctx.saved_tensors))
+    In an autograd Function keep ``q.tensors()`` with ``save_for_backward`` and ``q.meta``
+    on ctx; ``ctx.qmeta.rebuild(ctx.saved_tensors)`` gives it back.
     """
 
     codes: Tensor
@@ -133,161 +128,68 @@ class Quantized:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-# ---------------------------------------------------------------------------------------------
-# packing
-
-
-def _shifts(bits: int):
-    return [bits * i for i in range(8 // bits)]
-
-
 def pack(codes: Tensor, bits: int) -> Tensor:
-    """Pack uint8 codes (each ``< 2**bits``) ``8 // bits`` per byte, first element in the low bits.
-
-    Returns a fresh 1-D uint8 tensor of ``ceil(n / (8 // bits))`` bytes; for ``bits == 8``
-    the flattened codes themselves, without a copy when ``codes`` is contiguous (so then it
-    shares ``codes``' storage).
-    """
+    """Pack uint8 codes (each ``< 2**bits``) ``8 // bits`` per byte, first element in the low bits."""
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
-    codes = codes.reshape(-1)
     if codes.dtype != torch.uint8:
         raise TypeError(f"pack expects uint8 codes, got {codes.dtype}")
-    if bits == 8:
-        return codes  # reshape(-1) above: a view when contiguous, else a contiguous copy
-    per = 8 // bits
-    n = codes.numel()
-    full = n // per
-    out = torch.empty(-(-n // per), dtype=torch.uint8, device=codes.device)
-    if full:
-        body = codes[: full * per].view(full, per)
-        dst = out[:full]
-        dst.copy_(body[:, 0])
-        for i, s in enumerate(_shifts(bits)[1:], start=1):
-            dst.bitwise_or_(body[:, i] << s)
-    rest = n - full * per
-    if rest:
-        tail = torch.zeros(per, dtype=torch.uint8, device=codes.device)
-        tail[:rest] = codes[full * per:]
-        out[full:] = pack(tail, bits)
-    return out
+    return pack_codes(codes, bits)
 
 
 def unpack(packed: Tensor, bits: int, numel: int) -> Tensor:
     """Inverse of :func:`pack`: the first ``numel`` codes as a 1-D uint8 tensor."""
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
-    packed = packed.reshape(-1)
-    per = 8 // bits
-    if packed.numel() != -(-numel // per):
-        raise ValueError(f"{packed.numel()} packed bytes cannot hold exactly {numel} {bits}-bit codes")
-    if bits == 8:
-        return packed
-    shifts = torch.tensor(_shifts(bits), dtype=torch.uint8, device=packed.device)
-    out = (packed.unsqueeze(1) >> shifts).bitwise_and_((1 << bits) - 1)
-    return out.view(-1)[:numel]
-
-
-# ---------------------------------------------------------------------------------------------
-# quantize / dequantize
-
-
-def _round_(t: Tensor, stochastic: bool, generator) -> Tensor:
-    """Round ``t`` to integers in place: nearest (ties to even) or stochastic."""
-    if stochastic:
-        noise = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)
-        return t.add_(noise).floor_()
-    return t.round_()
-
-
-def _group_views(flat: Tensor, group_size: int):
-    """2-D views ``[groups, width]`` covering ``flat``: the full groups, then the short last one."""
-    n = flat.numel()
-    full = n // group_size
-    views = []
-    if full:
-        views.append(flat[: full * group_size].view(full, group_size))
-    if n > full * group_size:
-        views.append(flat[full * group_size:].view(1, -1))
-    return views
-
-
-def _per_group_(views, vecs, op):
-    """Apply ``op(view, vec[:, None])`` in place to each group view, ``vecs`` holding one value per group."""
-    start = 0
-    for v in views:
-        rows = v.shape[0]
-        op(v, *(vec[start:start + rows].unsqueeze(1) for vec in vecs))
-        start += rows
-
-
-def _fresh_copy(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """A contiguous copy of ``x`` in ``dtype`` (logical element order), flattened."""
-    t = torch.empty(x.shape, dtype=dtype, device=x.device)
-    t.copy_(x)
-    return t.view(-1)
+    return unpack_codes(packed, bits, numel)
 
 
 def quantize(x: Tensor, fmt: QuantFormat, generator: Optional[torch.Generator] = None) -> Quantized:
-    """Quantize ``x`` (any shape, strides, floating dtype, device) in format ``fmt``.
-
-    ``generator`` feeds stochastic rounding (``fmt.stochastic``) and must live on ``x``'s device.
-    """
+    """Quantize ``x`` (float32/bfloat16/float16, any shape and strides, any device) in format ``fmt``."""
     if not isinstance(fmt, QuantFormat):
         raise TypeError(f"fmt must be a QuantFormat, got {fmt!r}")
+    if not accepts(x.dtype):
+        raise TypeError(f"slimfit_fx formats take float32, bfloat16 or float16 activations, got {x.dtype}")
     shape, dtype = tuple(x.shape), x.dtype
-    levels = (1 << fmt.bits) - 1
-    if fmt.kind == "fixed":
-        if fmt.stochastic or not x.dtype.is_floating_point:
-            cdtype = torch.promote_types(x.dtype, torch.float32) if x.dtype.is_floating_point else torch.float32
-        else:
-            # power-of-two scaling and rounding to an integer <= 255 are exact in fp16/bf16 too
-            cdtype = x.dtype
-        t = torch.empty(x.shape, dtype=cdtype, device=x.device)  # contiguous, logical element order
-        torch.mul(x, 1.0 / fmt.step, out=t)  # exact: the step is a power of two
-        t = t.view(-1)
-        _round_(t, fmt.stochastic, generator)
-        qmin = -(1 << (fmt.bits - 1)) if fmt.signed else 0
-        t.clamp_(qmin, qmin + levels).nan_to_num_(nan=0.0)
-        if qmin:
-            t.sub_(qmin)  # offset binary: stored code = c - qmin
-        codes = t.to(torch.uint8)
-        del t
-        return Quantized(pack(codes, fmt.bits), None, None, shape, dtype, fmt)
-
-    # minmax
-    t = _fresh_copy(x, torch.float32)
-    t.nan_to_num_(nan=0.0).clamp_(-_BIG, _BIG)
-    views = _group_views(t, fmt.group_size)
-    if views:
-        lo = torch.cat([v.amin(dim=1) for v in views]) if len(views) > 1 else views[0].amin(dim=1)
-        hi = torch.cat([v.amax(dim=1) for v in views]) if len(views) > 1 else views[0].amax(dim=1)
-    else:
-        lo = torch.empty(0, dtype=torch.float32, device=x.device)
-        hi = torch.empty(0, dtype=torch.float32, device=x.device)
-    scale = hi.sub_(lo).div_(levels)  # fresh, exactly one fp32 per group
-    # divide (not multiply by 1/scale: that overflows for subnormal scales); scale 0 -> all codes 0
-    div = torch.where(scale > 0, scale, torch.ones_like(scale))
-    _per_group_(views, (lo, div), lambda v, m, d: v.sub_(m).div_(d))
-    _round_(t, fmt.stochastic, generator)
-    t.clamp_(0, levels)
-    codes = t.to(torch.uint8)
-    del t, views
-    return Quantized(pack(codes, fmt.bits), scale, lo, shape, dtype, fmt)
+    if fmt.kind == "minmax":
+        seed = _seed(generator) if fmt.stochastic else -1
+        codes, scale, lo = torch.ops.slimfit.quantize_minmax(x.detach(), fmt.bits, fmt.group_size, seed)
+        return Quantized(codes, scale, lo, shape, dtype, fmt)
+    return Quantized(_quantize_fixed(x.detach(), fmt, generator), None, None, shape, dtype, fmt)
 
 
 def dequantize(q: Quantized) -> Tensor:
     """The values ``q`` stands for, as a contiguous tensor of the original shape and dtype."""
-    fmt, n = q.fmt, q.numel
-    codes = unpack(q.codes, fmt.bits, n)
-    if fmt.kind == "fixed":
-        cdtype = q.dtype if q.dtype.is_floating_point else torch.float32
-        out = codes.to(cdtype)  # fresh
-        if fmt.signed:
-            out.sub_(1 << (fmt.bits - 1))
-        out.mul_(fmt.step)
+    fmt = q.fmt
+    if fmt.kind == "minmax":
+        flat = torch.ops.slimfit.dequantize_minmax(q.codes, q.scale, q.offset, fmt.bits, fmt.group_size, q.numel,
+                                                   q.dtype)
+        return flat.view(q.shape)
+    codes = unpack_codes(q.codes, fmt.bits, q.numel)
+    out = codes.to(q.dtype)  # fresh; codes <= 255 and steps are powers of two: exact in fp16/bf16 too
+    if fmt.signed:
+        out.sub_(1 << (fmt.bits - 1))
+    return out.mul_(fmt.step).view(q.shape)
+
+
+def _seed(generator: Optional[torch.Generator]) -> int:
+    # The kernels' counter-based generator needs a seed only: drawn on the host, no device sync.
+    return int(torch.randint(0, 1 << 62, (1,), generator=generator))
+
+
+def _quantize_fixed(x: Tensor, fmt: QuantFormat, generator) -> Tensor:
+    levels = (1 << fmt.bits) - 1
+    # power-of-two scaling and rounding to an integer <= 255 are exact in fp16/bf16 too
+    cdtype = torch.float32 if fmt.stochastic else x.dtype
+    t = torch.empty(x.shape, dtype=cdtype, device=x.device)  # contiguous, logical element order
+    torch.mul(x, 1.0 / fmt.step, out=t)  # exact: the step is a power of two
+    t = t.view(-1)
+    if fmt.stochastic:
+        t.add_(torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device)).floor_()
     else:
-        out = codes.to(torch.float32)
-        views = _group_views(out, fmt.group_size)
-        _per_group_(views, (q.scale, q.offset), lambda v, s, m: v.mul_(s).add_(m))
-    return out.to(q.dtype).view(q.shape)
+        t.round_()
+    qmin = -(1 << (fmt.bits - 1)) if fmt.signed else 0
+    t.clamp_(qmin, qmin + levels).nan_to_num_(nan=0.0)
+    if qmin:
+        t.sub_(qmin)  # offset binary: stored code = c - qmin
+    return pack_codes(t.to(torch.uint8), fmt.bits)

@@ -110,6 +110,7 @@ from torch import fx, nn
 
 from ..compiler import SlimFitModule, _passes, plan_for_graph
 from ..config import SlimFitConfig
+from ..precision import autocast_disabled, autocast_state, materialize_autocast
 from ..trace import normalize_inputs, shape_signature, trace
 
 __all__ = [
@@ -319,7 +320,8 @@ class CompiledGraph:
                     f"{tuple(shape)} on {device} when torch.compile traced this graph, and the slimfit guard "
                     "filter leaves parameters to this check: call torch._dynamo.reset() after .to()/.half(), "
                     "or compile again")
-        return self.graph_module(*args)
+        with autocast_disabled(self.graph_module.meta.get("autocast")):  # its casts are explicit nodes
+            return self.graph_module(*args)
 
 
 def _signature(example_inputs) -> tuple:
@@ -375,6 +377,7 @@ class SlimFitBackend:
 
     def _compile(self, gm: fx.GraphModule, example_inputs: list) -> CompiledGraph:
         lowered = lower_to_training_ir(gm, example_inputs)
+        materialize_autocast(lowered, autocast_state())  # dynamo guards on the autocast state
         lowered.meta["model_class"] = f"torch.compile graph of {gm.__class__.__name__}"
         lifted = _Lifted(lowered, gm, example_inputs)
         lifted_names = {node: attr.target for node, attr in lifted.pairs}

@@ -11,7 +11,10 @@ adds ``slimfit/frozen_fraction`` and ``slimfit/predicted_activation_bytes``
 to every log.  It compiles nothing unless asked: with ``compile=True`` the
 Trainer's model is compiled *in place* (:func:`compile_in_place`), because the
 Trainer keeps using its own model object for signatures, ``config``, saving
-and evaluation; a separate wrapper module would break those.
+and evaluation; a separate wrapper module would break those.  The compile
+happens when the Trainer is built (``on_init_end``), before its accelerator
+wraps ``forward`` in ``torch.autocast`` for ``bf16=True``/``fp16=True``: the
+SlimFit graph is then captured and trained in that precision.
 
 :func:`compile_in_place` gives the model an instance-level ``forward`` that
 runs the SlimFit graph in training mode and the original ``forward`` otherwise
@@ -73,6 +76,20 @@ def uncompile(model: nn.Module) -> None:
         model.__dict__.pop("forward", None)
 
 
+def _refuse_late_mixed_precision(model: nn.Module, args) -> None:
+    """A callback added after the Trainer was built finds ``model.forward`` already wrapped in the
+    accelerator's autocast; compiling in place now would replace that wrapper and train in fp32."""
+    if "_slimfit_module" in model.__dict__:
+        return
+    mixed = getattr(args, "bf16", False) or getattr(args, "fp16", False)
+    if mixed and "_original_forward" in model.__dict__:
+        raise RuntimeError(
+            "SlimFitCallback(compile=True) was added after the Trainer wrapped the model for "
+            f"{'bf16' if args.bf16 else 'fp16'} mixed precision; compiling now would train in fp32. Pass the "
+            "callback when building the Trainer (Trainer(..., callbacks=[SlimFitCallback(...)])), or call "
+            "slimfit_fx.integrations.compile_in_place(model) before building it")
+
+
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     # accelerate's AcceleratedOptimizer (and similar wrappers) hold the torch optimizer in .optimizer
     # (a subclass of torch.optim.Optimizer that never ran its __init__, so it has no step hooks).
@@ -111,12 +128,21 @@ class SlimFitCallback(TrainerCallback):
         self.scheduler: Scheduler | None = None
         self._resume_state: dict | None = None
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # Compiled before the Trainer's accelerator wraps ``model.forward`` for bf16/fp16 (in
+        # torch.autocast): the SlimFit forward then runs inside that autocast and its graph is
+        # captured in the Trainer's precision.
+        if self.compile and model is not None:
+            compile_in_place(model, config=self.config)
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise RuntimeError("SlimFitCallback needs the Trainer's model and optimizer at on_train_begin")
         if self.scheduler is not None:
             self.scheduler.remove()  # a second trainer.train() call: start over on the new optimizer
         if self.compile:
+            _refuse_late_mixed_precision(model, args)
             compile_in_place(model, config=self.config)
         self.scheduler = Scheduler(model, _unwrap_optimizer(optimizer), self.policy, **self.scheduler_kwargs)
         resume = self._checkpoint_state(args, state)

@@ -39,7 +39,9 @@ def keep(x: torch.Tensor, fmt: QuantFormat | None):
     """What to keep of ``x``: itself, or its quantized copy."""
     if fmt is None:
         return x
-    generator = _rounding_generator(x.device) if fmt.stochastic else None
+    # minmax kernels take a seed drawn on the host; fixed-point draws its noise on x's device
+    device = x.device if fmt.kind == "fixed" else torch.device("cpu")
+    generator = _rounding_generator(device) if fmt.stochastic else None
     return quantize(x.detach(), fmt, generator=generator)
 
 
@@ -59,8 +61,9 @@ def save(ctx, *items) -> None:
     ctx.save_for_backward(*tensors)
 
 
-def load(ctx) -> list:
-    """The items passed to ``save``, quantized ones dequantized."""
+def load(ctx, dequantized: bool = True) -> list:
+    """The items passed to ``save``; quantized ones dequantized, or as ``Quantized`` for an op
+    that fuses dequantizing into its backward."""
     tensors = list(ctx.saved_tensors)
     out, i = [], 0
     for kind, n, meta in ctx._slimfit_layout:
@@ -69,6 +72,7 @@ def load(ctx) -> list:
         elif kind == "tensor":
             out.append(tensors[i])
         else:
-            out.append(dequantize(Quantized.from_tensors(tensors[i:i + n], meta)))
+            q = Quantized.from_tensors(tensors[i:i + n], meta)
+            out.append(dequantize(q) if dequantized else q)
         i += n
     return out

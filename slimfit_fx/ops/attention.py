@@ -1,16 +1,21 @@
 """Attention core that keeps Q, K, V and the softmax output quantized.
 
-Forward: the output is ``scaled_dot_product_attention`` itself, called with
-the model's arguments, so it is bit-identical to eager on every kernel and
-draws the same dropout mask from the same RNG state.  For backward it keeps
-Q and K (int8 in the paper), V (int8), the softmax output P (uint8, recomputed
-once from Q and K) and the RNG state of the call; no N x N dropout mask.
+Forward, without dropout: the output is ``scaled_dot_product_attention`` itself,
+bit-identical to eager on every kernel; the softmax output P is computed once more
+from Q and K to be kept.  With dropout: SDPA's math kernel written out (CPU eager
+runs exactly these ops, so the output is bit-identical there), which yields P
+without a second pass and drops it out with a mask that is kept as bits or replayed
+(``ops.dropout.keep_mask``), never as a tensor.  Kept for backward: Q and K (for
+each other's gradient), V, P in their formats, and the dropout mask's bits or RNG
+state.  Softmax and its backward run in fp32 for bf16/fp16 inputs, as the kernels do.
 
-Backward, with P_d = dropout(P) replayed from the RNG state:
+Backward, with P_d = dropout(P):
   dV = P_d^T dO;  dP_d = dO V^T;  dP = dropout'(dP_d);
   dS = P * (dP - rowsum(dP * P));  dQ = dS K * scale;  dK = dS^T Q * scale.
-Each tensor is kept only when a gradient that needs it is due: Q for dK, K for
-dQ, V and P for any (the op table in analysis.py prices the same conditions).
+P's rows are renormalised to sum to one first (quantized rows do not), so the rows of
+dS sum to zero as softmax's gradient must: what softmax is blind to (a key bias) gets
+no spurious gradient.  Each tensor is kept only when a gradient that needs it is due:
+Q for dK, K for dQ, V and P for any (``analysis._sdpa_quantized`` prices the same).
 """
 from __future__ import annotations
 
@@ -20,40 +25,63 @@ import torch
 import torch.nn.functional as F
 
 from . import _saved
-from .dropout import replay_mask, rng_state
+from .dropout import keep_mask, mask_from
 
 
-def _scores_softmax(q, k, mask, is_causal, scale):
-    s = (q @ k.transpose(-1, -2)) * scale
-    if is_causal:
-        n, m = s.shape[-2], s.shape[-1]
-        causal = torch.ones(n, m, dtype=torch.bool, device=s.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask
-    # Rows with every key masked give zeros, as SDPA's math kernel does.
-    return torch.ops.aten._safe_softmax(s, -1)
+def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _repeat_kv(t, heads):
     return t if t.shape[-3] == heads else t.repeat_interleave(heads // t.shape[-3], dim=-3)
 
 
+def _additive(mask, is_causal, n, m, dtype, device):
+    """The float mask the math kernel adds to the scores (built in the query's own dtype)."""
+    if is_causal:
+        mask = torch.ones(n, m, dtype=torch.bool, device=device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        minus_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
+        mask = torch.where(mask, torch.tensor(0.0, dtype=dtype, device=device), minus_inf)
+    return mask
+
+
+def _scores(q, k, mask, is_causal, scale, dtype):
+    """Scaled scores plus mask, as the math kernel forms them (sqrt(scale) on each side)."""
+    acc = _accumulate_dtype(dtype)
+    mask = _additive(mask, is_causal, q.shape[-2], k.shape[-2], dtype, q.device)
+    factor = math.sqrt(scale)
+    scores = (q.to(acc) * factor) @ (k.to(acc).transpose(-2, -1) * factor)
+    return scores if mask is None else scores + mask
+
+
+def _math_attention(q, k, v, mask, p, is_causal, scale, mode):
+    """(output, softmax output P, kept mask) of SDPA's math kernel with dropout ``p``."""
+    heads = q.shape[-3]
+    probs = torch.ops.aten._safe_softmax(_scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1)
+    dropped, kept = keep_mask(probs, p, mode)
+    out = dropped @ _repeat_kv(v, heads).to(probs.dtype)
+    return out.to(q.dtype), probs, kept
+
+
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt):
+    def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt, mask_mode):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        state = rng_state(q.device) if dropout_p > 0 else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
-                                             scale=scale, enable_gqa=enable_gqa)
         heads = q.shape[-3]
-        acc = _accumulate_dtype(q.dtype)  # as the kernels do: softmax and its backward in fp32
-        probs = _scores_softmax(q.to(acc), _repeat_kv(k, heads).to(acc), mask, is_causal, scale)
+        if dropout_p > 0:
+            out, probs, kept = _math_attention(q, k, v, mask, dropout_p, is_causal, scale, mask_mode)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                                 enable_gqa=enable_gqa)
+            probs = torch.ops.aten._safe_softmax(
+                _scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1)
+            kept = None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        ctx.dropout_p, ctx.scale, ctx.heads = dropout_p, scale, heads
+        ctx.dropout_p, ctx.scale, ctx.heads, ctx.mask_mode = dropout_p, scale, heads, mask_mode
         ctx.kv_heads = k.shape[-3]
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        ctx.probs_meta = (probs.shape, q.dtype, probs.device)
+        ctx.probs_meta = (probs.shape, probs.dtype, probs.device)
         qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
         _saved.save(
             ctx,
@@ -61,24 +89,18 @@ class _Attention(torch.autograd.Function):
             _saved.keep(k, qk) if need_q else None,
             _saved.keep(v, vf) if (need_q or need_k) else None,
             _saved.keep(probs, pf),
-            state,
+            kept,
         )
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs, state = _saved.load(ctx)
+        q, k, v, probs, kept = _saved.load(ctx)
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        acc = _accumulate_dtype(grad.dtype)
+        shape, acc, device = ctx.probs_meta
         grad, probs = grad.to(acc), probs.to(acc)
-        # Quantized rows no longer sum to one; renormalised, the softmax gradient's rows sum to zero
-        # again, so what softmax is blind to (a key bias) gets no spurious gradient.
         probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-        if ctx.dropout_p > 0:
-            shape, dtype, device = ctx.probs_meta
-            noise = replay_mask(state, shape, dtype, device, ctx.dropout_p).to(acc)
-        else:
-            noise = None
+        noise = None if kept is None else mask_from(kept, ctx.mask_mode, shape, acc, device, ctx.dropout_p)
         dq = dk = dv = None
         if need_v:
             dropped = probs if noise is None else probs * noise
@@ -90,12 +112,9 @@ class _Attention(torch.autograd.Function):
             if need_q:
                 dq = ((d_scores @ _repeat_kv(k.to(acc), ctx.heads)) * ctx.scale).to(ctx.dtypes[0])
             if need_k:
-                dk = _sum_heads((d_scores.transpose(-1, -2) @ q.to(acc)) * ctx.scale, ctx.kv_heads).to(ctx.dtypes[1])
-        return dq, dk, dv, None, None, None, None, None, None, None, None
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+                dk = _sum_heads((d_scores.transpose(-1, -2) @ q.to(acc)) * ctx.scale, ctx.kv_heads)
+                dk = dk.to(ctx.dtypes[1])
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 def _sum_heads(t, kv_heads):
@@ -107,12 +126,14 @@ def _sum_heads(t, kv_heads):
 
 
 def attention_quantized(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                        qk_fmt=None, v_fmt=None, p_fmt=None):
-    """``scaled_dot_product_attention`` keeping quantized Q, K, V and softmax output for backward."""
+                        qk_fmt=None, v_fmt=None, p_fmt=None, mask_mode="replay"):
+    """``scaled_dot_product_attention`` keeping quantized Q, K, V and softmax output for backward;
+    a dropout mask is kept as bits or replayed (``mask_mode``, see ``ops.dropout``)."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     if attn_mask is not None and attn_mask.requires_grad:
         raise NotImplementedError("attention_quantized: a trainable attention mask is not supported; "
                                   "turn attention quantization off (SlimFitConfig(attn_*_format=None))")
-    return _Attention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt)
+    return _Attention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt,
+                            mask_mode)

@@ -1,10 +1,18 @@
-"""Dropout that keeps no mask: it keeps the RNG state and replays it in backward.
+"""Dropout that keeps its mask as bits, or no mask at all.
 
-Forward calls the very op eager PyTorch calls (``torch.dropout``), so results
-are identical under the same seed; backward restores the RNG state of that
-moment, draws the same mask again from ``dropout(ones)`` and puts the state
-back.  Kept: one RNG state per call (5,056 bytes on CPU; a seed and offset on
-CUDA) instead of a mask of the input's size.
+Forward draws the very mask eager PyTorch draws (same RNG calls, same ops), so
+results are identical under the same seed.  What is kept for backward depends on
+the mode (``SlimFitConfig.dropout_mode``):
+
+* ``"bits"``: the mask packed one bit per element (``torch.ops.slimfit.pack_bits``).
+  The CPU's default: drawing a mask there costs as much as a matmul, so it is drawn
+  once (CPU dropout is ``empty_like(x).bernoulli_(1 - p)``, replicated here).
+* ``"replay"``: the RNG state of the call; backward restores it and draws the mask
+  again with ``dropout(ones)``.  The accelerators' default (a seed and an offset,
+  16 bytes on CUDA; 5,056 on the CPU).
+
+``keep_mask``/``mask_from`` are shared with the attention core, which drops out its
+softmax output the same way.
 """
 from __future__ import annotations
 
@@ -17,12 +25,6 @@ def rng_state(device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state()
-
-
-def rng_state_nbytes(device: torch.device) -> int:
-    """Bytes of the state ``rng_state`` returns (what the analysis predicts)."""
-    state = rng_state(device)
-    return state.numel() * state.element_size()
 
 
 def replay_mask(state: torch.Tensor, shape, dtype, device, p: float) -> torch.Tensor:
@@ -42,27 +44,60 @@ def replay_mask(state: torch.Tensor, shape, dtype, device, p: float) -> torch.Te
         torch.set_rng_state(current)
 
 
+def keep_mask(x: torch.Tensor, p: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(x, p), what to keep)``: packed mask bits (``"bits"``), the RNG state (``"replay"``)
+    or eager's own mask (``"full"``: the CPU's scaled float noise, CUDA's boolean mask)."""
+    if mode in ("bits", "full") and x.device.type == "cpu":
+        noise = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1 - p)
+        if mode == "full":
+            noise.div_(1 - p)
+            return x * noise, noise
+        bits = torch.ops.slimfit.pack_bits(noise)
+        return x * noise.div_(1 - p), bits
+    if mode == "bits":
+        raise ValueError("dropout_masks='bits' replicates the CPU's dropout; on this device use 'replay' or 'auto'")
+    if mode == "full":
+        out, mask = torch.native_dropout(x, p, True)
+        return out, mask
+    state = rng_state(x.device)
+    return torch.dropout(x, p, True), state
+
+
+def mask_from(kept: torch.Tensor, mode: str, shape, dtype, device, p: float) -> torch.Tensor:
+    """The scaled mask (``mask / (1 - p)``, in ``dtype``) that ``keep_mask`` applied."""
+    if mode == "bits":
+        mask = torch.ops.slimfit.unpack_bits(kept, _numel(shape)).view(shape)
+        return mask.to(dtype).div_(1 - p)
+    if mode == "full":
+        return kept.to(dtype) if kept.dtype != torch.bool else kept.to(dtype) * (1.0 / (1 - p))
+    return replay_mask(kept, shape, dtype, device, p)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, p):
-        state = rng_state(x.device)
-        out = torch.dropout(x, p, True)
-        ctx.p, ctx.shape, ctx.dtype, ctx.device = p, x.shape, x.dtype, x.device
-        _saved.save(ctx, state)
+    def forward(ctx, x, p, mode):
+        out, kept = keep_mask(x, p, mode)
+        ctx.p, ctx.mode, ctx.shape, ctx.dtype, ctx.device = p, mode, x.shape, x.dtype, x.device
+        _saved.save(ctx, kept)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (state,) = _saved.load(ctx)
-        return grad * replay_mask(state, ctx.shape, ctx.dtype, ctx.device, ctx.p), None
+        (kept,) = _saved.load(ctx)
+        return grad * mask_from(kept, ctx.mode, ctx.shape, ctx.dtype, ctx.device, ctx.p), None, None
 
 
-def dropout_regenerated(x: torch.Tensor, p: float = 0.5, train: bool = True) -> torch.Tensor:
-    """``aten.dropout(x, p, train)`` with the mask regenerated in backward instead of kept."""
+def dropout_compact(x: torch.Tensor, p: float = 0.5, train: bool = True, mode: str = "replay") -> torch.Tensor:
+    """``aten.dropout(x, p, train)`` keeping mask bits (``mode="bits"``) or the RNG state (``"replay"``)."""
     if not train or p == 0:
         return x
-    if p == 1:
+    if p == 1 or not (torch.is_grad_enabled() and x.requires_grad):
         return torch.dropout(x, p, train)
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return torch.dropout(x, p, train)
-    return _Dropout.apply(x, p)
+    return _Dropout.apply(x, p, mode)

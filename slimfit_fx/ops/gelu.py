@@ -1,13 +1,26 @@
-"""GELU that keeps a quantized copy of its input (4-bit in the paper's format).
+"""GELU that keeps a quantized copy of its input (4 bits by default).
 
 The forward is ``torch.nn.functional.gelu`` itself (exact); backward applies
-the exact GELU derivative (ATen's ``gelu_backward``) at the dequantized input.
+the exact GELU derivative at the dequantized input: one fused kernel for the
+min/max format (``torch.ops.slimfit.dequantize_gelu_backward``: dequantize,
+derivative and incoming gradient in one pass), ATen's ``gelu_backward`` on the
+dequantized input otherwise.
 """
 from __future__ import annotations
 
 import torch
 
+from ..quant import Quantized, dequantize
 from . import _saved
+
+
+def _gelu_backward(grad, q, approximate: str):
+    """Gradient of GELU's input at the saved (maybe quantized) input ``q``."""
+    if isinstance(q, Quantized) and q.fmt.kind == "minmax" and q.dtype == grad.dtype:
+        return torch.ops.slimfit.dequantize_gelu_backward(grad, q.codes, q.scale, q.offset, q.fmt.bits,
+                                                          q.fmt.group_size, approximate)
+    x = dequantize(q) if isinstance(q, Quantized) else q
+    return torch.ops.aten.gelu_backward(grad, x.to(grad.dtype), approximate=approximate)
 
 
 class _Gelu(torch.autograd.Function):
@@ -19,8 +32,8 @@ class _Gelu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = _saved.load(ctx)
-        return torch.ops.aten.gelu_backward(grad, x.to(grad.dtype), approximate=ctx.approximate), None, None
+        (q,) = _saved.load(ctx, dequantized=False)
+        return _gelu_backward(grad, q, ctx.approximate), None, None
 
 
 def gelu_quantized(x: torch.Tensor, approximate: str = "none", fmt_args: tuple | None = None) -> torch.Tensor:
@@ -37,9 +50,8 @@ class _TanhGelu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = _saved.load(ctx)
-        gx = torch.ops.aten.gelu_backward(grad, x.to(grad.dtype), approximate="tanh")
-        return gx, None, None, None, None
+        (q,) = _saved.load(ctx, dequantized=False)
+        return _gelu_backward(grad, q, "tanh"), None, None, None, None
 
 
 def _tanh_gelu_ops(x, c_half, c_cubic, c_sqrt):
