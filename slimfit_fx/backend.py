@@ -3,7 +3,7 @@
     import slimfit_fx.backend          # registers the name (so does the installed entry point)
     compiled = torch.compile(model, backend="slimfit")
     compiled = torch.compile(model, backend="slimfit",
-                             options={"config": slimfit_fx.SlimFitConfig.minmax(),
+                             options={"config": slimfit_fx.SlimFitConfig.paper(),
                                       "guard_filter_fn": slimfit_fx.backend.guard_filter})
 
 The graph dynamo captures is lowered to ATen training IR, analysed and rewritten
@@ -36,7 +36,7 @@ def slimfit_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: 
                     mode: str | None = None) -> CompiledGraph:
     """Dynamo backend: ``torch.compile(model, backend="slimfit", options={"config": SlimFitConfig(...)})``.
 
-    ``options["config"]``: the ``SlimFitConfig`` (default ``SlimFitConfig()``, the paper's formats).
+    ``options["config"]``: the ``SlimFitConfig`` (default ``SlimFitConfig()``).
     ``mode`` (torch.compile's) changes nothing: the rewritten graph runs eagerly.
     """
     options = dict(options or {})

@@ -7,7 +7,7 @@ it once and prints three columns for one training step:
 2. **PyTorch + freezing**: the same model with a fraction of its layers set to
    ``requires_grad=False``, the saving eager PyTorch gives for free;
 3. **SlimFit**: the same frozen layers through ``slimfit_fx.compile`` with
-   ``SlimFitConfig()`` (the paper's saved formats).
+   ``SlimFitConfig()`` (the default saved formats).
 
 With ``--measure`` each column is also run (a warm-up step, then a measured
 step) and measured with ``slimfit_fx.measure``.  ``slimfit-fx demo`` is

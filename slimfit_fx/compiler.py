@@ -198,8 +198,11 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     ``ModelOutput`` included), same ``state_dict()`` keys, the same parameter
     objects.  ``example_inputs`` (dict of keyword arguments or tuple of positional
     ones) may be omitted: the graph is then captured on the first training call.
-    ``config`` defaults to ``SlimFitConfig()``, every feature on in the paper's
-    formats; ``SlimFitConfig.off()`` computes exactly what the original does.
+    ``config`` defaults to ``SlimFitConfig()``, every feature on in per-group
+    scale-adaptive formats at the SlimFit paper's bit widths (``SlimFitConfig.paper()``:
+    the paper's own fixed-point formats); ``SlimFitConfig.off()`` computes exactly what
+    the original does.  Under ``torch.autocast`` a graph is captured per autocast state,
+    with autocast's casts made explicit (``slimfit_fx.precision``).
 
     ``mode="eager"`` captures with ``torch.export`` and runs the rewritten graph.
     ``mode="compiled"`` trains through ``torch.compile`` with the ``"slimfit"``

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .analysis import _VIEW_OPS, GraphAnalysis
+from .analysis import _VIEW_OPS, MASK_ROLES, GraphAnalysis
 from .measure import fmt_bytes
 
 __all__ = ["OPTIMIZERS", "OPTIMIZER_IMPLS", "LayerEstimate", "MemoryEstimate", "MemoryPlan", "PlanError",
@@ -314,6 +314,7 @@ def _optimizer_temporaries(optimizer: str, impl: str, trainable_bytes: list[int]
 _ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "int16": 2,
              "int8": 1, "uint8": 1, "bool": 1, "complex64": 8, "complex128": 16}
 _FLOATS = ("float64", "float32", "float16", "bfloat16")
+_KEPT_MASKS = {MASK_ROLES["bits"], MASK_ROLES["replay"]}  # slimfit's attention core with dropout
 _PARAM_VIEWS = _VIEW_OPS - {"aten.dropout"} | {"aten.detach", "aten._to_copy"}
 
 
@@ -404,7 +405,7 @@ def _peak(a: GraphAnalysis, trainable: set[str], active: list, optimizer: str, i
             # slimfit's attention core: SDPA itself (the math kernel, with dropout: scores, softmax,
             # mask; without, a fused kernel: none) and, when it keeps P, the softmax recomputed
             node_uses = all_by_node[st.producer]
-            dropout = any(u.role == "rng_state" for u in node_uses)
+            dropout = any(u.role in _KEPT_MASKS for u in node_uses)
             maps = 3 if dropout else (2 if st.index in active_sids else 0)
             full = max(full, maps * _probs_bytes(a, node_uses, {}))
         if st.index in active_sids and full <= st.nbytes:
@@ -496,7 +497,7 @@ def _backward_transients(a: GraphAnalysis, node: str, uses: list, all_uses: list
     sts = {u.storage: a.storages[u.storage] for u in uses}
     roles = {u.role for u in uses}
     if op == "aten.scaled_dot_product_attention" and "attn_probs" in roles and (
-            "rng_state" in roles or any(u.fmt == "q" for u in uses)):
+            roles & _KEPT_MASKS or any(u.fmt == "q" for u in uses)):
         # slimfit's attention core: Q, K, V and P kept (maybe quantized), P recomputed in backward.
         full = {}
         for u in all_uses:
@@ -509,7 +510,7 @@ def _backward_transients(a: GraphAnalysis, node: str, uses: list, all_uses: list
         ins = a.node_inputs.get(node, ())
         need = [rg.get(x, False) for x in ins[:3]] + [False] * (3 - len(ins[:3]))
         probs = _probs_bytes(a, all_uses, sts)
-        return _attention_backward(qk, qk, v, probs, "rng_state" in roles, *need)
+        return _attention_backward(qk, qk, v, probs, bool(roles & _KEPT_MASKS), *need)
     deq = 0
     top = 0
     for sid, st in sts.items():

@@ -1,7 +1,14 @@
 """Tiny HuggingFace configs of every supported family, with realistic inputs
 (attention masks with padding, labels so the loss is inside the graph)."""
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: without a GPU its kernels run on CPU tensors through
+    # its interpreter, so tests/test_kernels.py can check them against the reference implementation.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch import nn
 
 BATCH, SEQ = 4, 16

@@ -145,6 +145,10 @@ def test_bad_queries_name_the_problem():
         plan.predict("classifier.weight")
 
 
+def _minmax(numel, bits, group=128):
+    return -(-numel * bits // 8) + -(-numel // group) * 8  # packed codes + an fp32 scale and offset per group
+
+
 def test_slimfit_formats_are_priced_as_specified():
     model, inputs = make_bert()
     model.train()
@@ -153,14 +157,14 @@ def test_slimfit_formats_are_priced_as_specified():
     slim_plan = slimfit_fx.analyze(model, inputs, cfg)
     slim = slim_plan.predict()
     b, n, h, heads, inter, layers = 4, 16, 32, 2, 64, 2
-    # GELU input: 4 bits, two values per byte.
-    assert slim.by_role["gelu_input"] == layers * b * n * inter // 2
+    # GELU input: 4 bits, two values per byte, per-group min/max.
+    assert slim.by_role["gelu_input"] == layers * _minmax(b * n * inter, 4)
     # FFN-out Linear input: int8 while trainable.
-    assert slim.by_role["ffn_out_input"] == layers * b * n * inter
-    # Attention core: Q, K int8; V int8; softmax output uint8; no dropout mask anywhere.
-    assert slim.by_role["attn_qk"] == layers * 2 * b * n * h
-    assert slim.by_role["attn_v"] == layers * b * n * h
-    assert slim.by_role["attn_probs"] == layers * b * heads * n * n
+    assert slim.by_role["ffn_out_input"] == layers * _minmax(b * n * inter, 8)
+    # Attention core: Q, K, V, softmax output int8; no dropout mask anywhere.
+    assert slim.by_role["attn_qk"] == layers * 2 * _minmax(b * n * h, 8)
+    assert slim.by_role["attn_v"] == layers * _minmax(b * n * h, 8)
+    assert slim.by_role["attn_probs"] == layers * _minmax(b * heads * n * n, 8)
     assert "dropout_mask" not in slim.by_role and plain.by_role["dropout_mask"] > 0
     # Trainable LayerNorms keep their full input; frozen ones the top 10% (values + int16 indices).
     assert "layernorm_pruned" not in slim.by_role
@@ -169,14 +173,21 @@ def test_slimfit_formats_are_priced_as_specified():
     rows = b * n
     k = math.ceil(0.1 * h)
     assert frozen.by_role["layernorm_pruned"] == len(ln_weights) * rows * k * (4 + 2)
-    # Masks are replayed from one RNG state per dropout call (5,056 B on CPU), whatever its size.
-    from slimfit_fx.ops.dropout import rng_state_nbytes
-
-    dropouts = sum(1 for u in slim_plan.analysis.uses if u.role == "rng_state")
-    assert dropouts == 8  # embeddings, 2 x (attention probabilities, attention output, FFN output), classifier
-    assert slim.by_role["rng_state"] == dropouts * rng_state_nbytes(torch.device("cpu"))
+    # On the CPU dropout masks are kept as bits: one per element.
+    bits = [u for u in slim_plan.analysis.uses if u.role == "dropout_bits"]
+    assert len(bits) == 8  # embeddings, 2 x (attention probabilities, attention output, FFN output), classifier
+    hidden, probs = b * n * h // 8, b * heads * n * n // 8
+    assert slim.by_role["dropout_bits"] == 5 * hidden + 2 * probs + b * h // 8
     # Nothing frozen, the fp32 Linear inputs stay: the formats above still more than halve the rest.
-    assert slim.activations - slim.by_role["rng_state"] < plain.activations / 2
+    assert slim.activations < plain.activations / 2
+
+
+def test_dropout_masks_can_be_replayed_from_the_rng_state():
+    model, inputs = make_bert()
+    plan = slimfit_fx.analyze(model.train(), inputs, SlimFitConfig(dropout_masks="replay")).predict()
+    state = torch.get_rng_state()
+    assert plan.by_role["rng_state"] == 8 * state.numel() * state.element_size()
+    assert "dropout_bits" not in plan.by_role
 
 
 def test_config_validation():
@@ -185,7 +196,9 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="bits"):
         QuantFormat(bits=3)
     with pytest.raises(ConfigError, match="power of two"):
-        QuantFormat(step=0.1)
+        QuantFormat(kind="fixed", step=0.1)
+    with pytest.raises(ConfigError, match="dropout_masks"):
+        SlimFitConfig(dropout_masks="none")
     with pytest.raises(ConfigError, match="kind"):
         QuantFormat(kind="log")
     with pytest.raises(ConfigError, match="layernorm_keep_ratio"):

@@ -145,7 +145,7 @@ def test_string_backend_matches_the_eager_slimfit_module():
 
 
 def test_compiled_mode_is_the_eager_module_through_torch_compile():
-    config = SlimFitConfig()  # the paper's formats
+    config = SlimFitConfig()  # the default formats
     model, inputs = _bert()
     keys = list(model.state_dict())
     eager = slimfit_fx.compile(model, inputs, config)

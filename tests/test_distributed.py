@@ -342,9 +342,10 @@ def test_compiled_module_inside_ddp_matches_one_process(ranks):
     # DDP's arithmetic (the two halves' gradients averaged) matches to float rounding ...
     _assert_same_on_ranks_and_close_to(res, ranks["refs"]["compiled_halves"], atol=1e-5)
     # ... and the whole batch closely: a rounding difference between the half- and whole-batch matmuls can
-    # move a saved activation across a quantization step (1/16 for Q and K), which AdamW's normalized update
-    # turns into about 1e-4 after 6 steps at lr 1e-2 (the eager run matches the whole batch to 1e-5).
-    _assert_same_on_ranks_and_close_to(res, ranks["refs"]["compiled"], atol=1e-3)
+    # move a saved activation across a quantization step, which AdamW's normalized update (lr 1e-2) turns into
+    # up to 2.1e-3 after 6 steps with the default 4-bit GELU inputs (the eager run matches the whole batch to
+    # 1e-5; the exact check is the one above).
+    _assert_same_on_ranks_and_close_to(res, ranks["refs"]["compiled"], atol=4e-3)
 
 
 def test_ranks_with_different_scheduler_seeds_make_the_same_decisions(ranks):

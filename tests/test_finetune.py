@@ -69,7 +69,7 @@ def test_slimfit_90_percent_frozen_matches_full_finetuning(data):
     acc_full = tasks.accuracy(full, data["test_ids"], data["test_mask"], data["test_labels"])
     del full
 
-    # SlimFit: every feature on in the paper's formats, 90% of the layers frozen at random.
+    # SlimFit: every feature on in the default formats, 90% of the layers frozen at random.
     model = tasks.load_minilm_classifier(seed=SEED)
     example = {"input_ids": data["train_ids"][:4], "attention_mask": data["train_mask"][:4],
                "labels": data["train_labels"][:4]}

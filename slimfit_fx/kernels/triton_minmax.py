@@ -82,6 +82,7 @@ def _dequantize_kernel(codes_ptr, scale_ptr, lo_ptr, out_ptr, n, G: tl.constexpr
 
 @triton.jit
 def _tanh(y):
+    y = tl.minimum(tl.maximum(y, -20.0), 20.0)  # saturated in fp32 long before; keeps exp finite
     return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
 
 

@@ -55,13 +55,15 @@ def _scores(q, k, mask, is_causal, scale, dtype):
     return scores if mask is None else scores + mask
 
 
-def _math_attention(q, k, v, mask, p, is_causal, scale, mode):
-    """(output, softmax output P, kept mask) of SDPA's math kernel with dropout ``p``."""
+def _math_attention(q, k, v, mask, p, is_causal, scale, mode, p_fmt):
+    """(output, P as kept, kept mask) of SDPA's math kernel with dropout ``p``.  P is quantized
+    before the dropout mask exists, so the quantizer's temporaries never meet it."""
     heads = q.shape[-3]
     probs = torch.ops.aten._safe_softmax(_scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1)
+    kept_probs = _saved.keep(probs, p_fmt)
     dropped, kept = keep_mask(probs, p, mode)
     out = dropped @ _repeat_kv(v, heads).to(probs.dtype)
-    return out.to(q.dtype), probs, kept
+    return out.to(q.dtype), kept_probs, kept
 
 
 class _Attention(torch.autograd.Function):
@@ -69,26 +71,27 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt, mask_mode):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         heads = q.shape[-3]
+        qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
         if dropout_p > 0:
-            out, probs, kept = _math_attention(q, k, v, mask, dropout_p, is_causal, scale, mask_mode)
+            out, kept_probs, kept = _math_attention(q, k, v, mask, dropout_p, is_causal, scale, mask_mode, pf)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                                  enable_gqa=enable_gqa)
-            probs = torch.ops.aten._safe_softmax(
-                _scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1)
+            kept_probs = _saved.keep(torch.ops.aten._safe_softmax(
+                _scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1), pf)
             kept = None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         ctx.dropout_p, ctx.scale, ctx.heads, ctx.mask_mode = dropout_p, scale, heads, mask_mode
         ctx.kv_heads = k.shape[-3]
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
-        ctx.probs_meta = (probs.shape, probs.dtype, probs.device)
-        qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
+        acc = _accumulate_dtype(q.dtype)
+        ctx.probs_meta = ((*q.shape[:-1], k.shape[-2]), acc, q.device)
         _saved.save(
             ctx,
             _saved.keep(q, qk) if need_k else None,
             _saved.keep(k, qk) if need_q else None,
             _saved.keep(v, vf) if (need_q or need_k) else None,
-            _saved.keep(probs, pf),
+            kept_probs,
             kept,
         )
         return out
