@@ -1,6 +1,7 @@
 """Memory and step time of one training step under each memory-saving setting, side by side.
 
-Workloads (HF configs, random init, fp32, AdamW; ``--model``):
+Workloads (HF configs, random init, AdamW; ``--model``; ``--device cpu|cuda``; ``--precision``
+fp32, bf16-autocast, fp16-autocast (``torch.autocast`` around the forward) or bf16 (the model cast)):
   bert-base   BertForSequenceClassification, batch 32, seq 128
   vit-base    ViTForImageClassification, batch 32, 224 px
   gpt2        GPT2LMHeadModel (small), batch 8, seq 512
@@ -11,7 +12,10 @@ Settings (rows, ``--settings``), all on one model whose parameters they share:
   checkpointing     HF gradient checkpointing, non-reentrant
   torch.compile     torch.compile(model) with torch._functorch.config.activation_memory_budget=0.5
   pytorch+freeze    plain eager PyTorch, 90% of the SlimFit layers frozen at random (seed 0)
+  slimfit-off       slimfit_fx.compile(model, inputs, SlimFitConfig.off()), same frozen set: the
+                    rewrites off, the reference of the formats' step-time overhead
   slimfit           slimfit_fx.compile(model, inputs, SlimFitConfig()), same frozen set
+  slimfit-paper     the same with SlimFitConfig.paper() (the paper's fixed-point formats)
   slimfit+offload   "slimfit_fx, everything on": slimfit as above, and the optimizer state of the
                     frozen parameters held by slimfit_fx.optim_state.FrozenStateStore (--offload-mode)
   slimfit+torch.compile  slimfit_fx.compile(model, inputs, mode="compiled"): the "slimfit" torch.compile
@@ -22,7 +26,9 @@ a whole AdamW step (forward, backward, step, zero_grad) after a warm-up step (``
 into parameters / gradients / optimizer state / activations+temporaries (plus what is host-resident
 at the peak: ``offloaded``).  Predicted: ``MemoryPlan.predict(frozen, optimizer).peak`` for the rows
 with a plan.  Step time: ``--repeats`` interleaved rounds, one timed step per setting per round
-(round-robin), median, as a ratio to plain eager PyTorch.  A setting that fails (e.g. no C++
+(round-robin), median, as a ratio to plain eager PyTorch and to ``slimfit-off``; on CUDA each timed
+step is bracketed by ``torch.cuda.synchronize()`` and the peak of ``torch.cuda.max_memory_allocated``
+is reported beside the tracker's (other rows' optimizer state freed first).  A setting that fails (e.g. no C++
 compiler for inductor) gets a row that says why; the others go on.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``results/bench_memory_<model>``) with the machine,
@@ -30,6 +36,8 @@ versions, date and command line, and prints the markdown.
 
     python tools/bench_memory.py --model bert-base --batch 32 --repeats 3 --docs docs/BENCHMARKS.md
     python tools/bench_memory.py --model bert-tiny --batch 2 --repeats 1 --settings pytorch,slimfit
+    python tools/bench_memory.py --model bert-base --batch 8 --repeats 7 \
+        --settings pytorch,pytorch+freeze,slimfit-off,slimfit,slimfit-paper       # the formats' overhead
 """
 from __future__ import annotations
 
@@ -69,11 +77,15 @@ SETTINGS = {
     "checkpointing": "HF gradient checkpointing",
     "torch.compile": "torch.compile, activation budget 0.5",
     "pytorch+freeze": "PyTorch + 90% frozen",
-    "slimfit": "slimfit_fx (paper settings)",
+    "slimfit-off": "slimfit_fx off(), same frozen set",
+    "slimfit": "slimfit_fx (default formats)",
+    "slimfit-paper": "slimfit_fx (paper formats)",
     "slimfit+offload": "slimfit_fx, everything on",
     "slimfit+torch.compile": "slimfit_fx through torch.compile",
 }
 ACTIVATION_MEMORY_BUDGET = 0.5
+PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
+CONFIGS = {"slimfit-off": SlimFitConfig.off, "slimfit": SlimFitConfig, "slimfit-paper": SlimFitConfig.paper}
 
 
 def log(msg: str) -> None:
@@ -111,7 +123,7 @@ class Setting:
         return contextlib.nullcontext()
 
     def forward_loss(self):
-        with self.context():
+        with self.context(), self.bench.precision():
             return self.module(**self.bench.inputs).loss
 
     def step(self) -> None:
@@ -176,14 +188,22 @@ class Freeze(Setting):
 
 
 class SlimFit(Freeze):
-    """The same frozen set as ``pytorch+freeze``, through ``slimfit_fx.compile``."""
+    """The same frozen set as ``pytorch+freeze``, through ``slimfit_fx.compile`` (``CONFIGS[name]``)."""
 
     name, has_plan = "slimfit", True
 
     def setup(self):
         Setting.setup(self)
-        self.module = self.bench.slimfit_module()
+        self.module = self.bench.slimfit_module(self.name)
         self.plan = self.module.plan
+
+
+class SlimFitOff(SlimFit):
+    name = "slimfit-off"
+
+
+class SlimFitPaper(SlimFit):
+    name = "slimfit-paper"
 
 
 class EverythingOn(SlimFit):
@@ -203,7 +223,7 @@ class EverythingOn(SlimFit):
             from slimfit_fx.optim_state import FrozenStateStore
         except ImportError as e:
             raise SettingFailed(f"slimfit_fx.optim_state.FrozenStateStore is not available ({e})") from None
-        self.module = self.bench.slimfit_module()
+        self.module = self.bench.slimfit_module("slimfit")
         self.plan = self.module.plan
         # Its own optimizer over every parameter: the warm-up step trains all of them, so that
         # state exists for the frozen ones too, as after a scheduler has frozen them.
@@ -231,29 +251,36 @@ class SlimFitCompiled(SlimFit):
     def setup(self):
         Setting.setup(self)
         t0 = time.perf_counter()
-        self.module = slimfit_fx.compile(self.bench.model, self.bench.inputs, SlimFitConfig(), mode="compiled")
+        with self.bench.precision():
+            self.module = slimfit_fx.compile(self.bench.model, self.bench.inputs, SlimFitConfig(), mode="compiled")
         self.row["build_s"] = round(time.perf_counter() - t0, 2)
         self.plan = self.module.plan
 
 
-SETTING_CLASSES = {cls.name: cls for cls in (Plain, Checkpointing, Compiled, Freeze, SlimFit, EverythingOn,
-                                             SlimFitCompiled)}
+SETTING_CLASSES = {cls.name: cls for cls in (Plain, Checkpointing, Compiled, Freeze, SlimFitOff, SlimFit,
+                                             SlimFitPaper, EverythingOn, SlimFitCompiled)}
 assert list(SETTING_CLASSES) == list(SETTINGS)
 
 
 class Bench:
     def __init__(self, args):
         self.args = args
+        self.device = torch.device(args.device)
         torch.manual_seed(0)
         self.model, self.inputs = build(args.model, batch=args.batch, seq=args.seq, image_size=args.image_size)
-        self.model.train()
-        self.plain_plan = slimfit_fx.analyze(self.model, self.inputs)
+        self.model.to(self.device).train()
+        self.inputs = {k: v.to(self.device) for k, v in self.inputs.items()}
+        if args.precision == "bf16":
+            self.model.to(torch.bfloat16)
+            self.inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in self.inputs.items()}
+        with self.precision():
+            self.plain_plan = slimfit_fx.analyze(self.model, self.inputs)
         layers = self.plain_plan.layers
         k = int(round(args.freeze_ratio * len(layers), 9))
         self.frozen = set(random.Random(args.seed).sample(layers, k))
         self.layers = layers
         self._optimizers: dict[frozenset, torch.optim.Optimizer] = {}
-        self._slimfit = None
+        self._slimfit: dict = {}
         self._checkpointing = False
 
     def checkpointing(self, on: bool) -> None:
@@ -278,12 +305,30 @@ class Bench:
             self._optimizers[key] = torch.optim.AdamW(params, lr=1e-5)
         return self._optimizers[key]
 
-    def slimfit_module(self):
-        if self._slimfit is None:
+    def precision(self):
+        """``torch.autocast`` for the autocast precisions (around forwards and analyses), else nothing."""
+        dtypes = {"bf16-autocast": torch.bfloat16, "fp16-autocast": torch.float16}
+        if self.args.precision in dtypes:
+            return torch.autocast(self.device.type, dtype=dtypes[self.args.precision])
+        return contextlib.nullcontext()
+
+    def slimfit_module(self, name: str):
+        """The module ``slimfit_fx.compile`` makes with ``CONFIGS[name]`` (one per config, shared by rows)."""
+        if name not in self._slimfit:
             t0 = time.perf_counter()
-            self._slimfit = slimfit_fx.compile(self.model, self.inputs, SlimFitConfig())
-            self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
-        return self._slimfit
+            with self.precision():
+                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name]())
+            if name == "slimfit":
+                self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
+        return self._slimfit[name]
+
+    def release_optimizers(self) -> None:
+        """Free every optimizer's state (CUDA: so one row's state does not sit in the next row's
+        ``max_memory_allocated``); the timed rounds make them again in their untimed round."""
+        self._optimizers.clear()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def measure(self, s: Setting) -> None:
         """Saved bytes, peak and prediction of setting ``s`` (warm-up step first)."""
@@ -304,7 +349,8 @@ class Bench:
         pm = peak_bytes(s.step, model=model, optimizer=s.optimizer, tensors=list(self.inputs.values()))
         row.update(peak=pm.peak, parameters=pm.parameters, gradients=pm.gradients,
                    optimizer_state=pm.optimizer_state, activations_temporaries=pm.other,
-                   offloaded=getattr(pm, "offloaded", 0), baseline=pm.baseline)
+                   offloaded=getattr(pm, "offloaded", 0), baseline=pm.baseline,
+                   cuda_max_allocated=pm.cuda_max_allocated)
         if s.name in ("torch.compile", "slimfit+torch.compile"):
             row["note"] = ("peak not measurable: under peak_bytes' TorchDispatchMode dynamo runs the model "
                            "eagerly (the original forward, unrewritten), so the figure would be eager PyTorch's"
@@ -318,6 +364,8 @@ class Bench:
             est = s.plan.predict(s.frozen, s.optimizer)
             row["predicted_peak"] = est.peak
             row["predicted_saved"] = est.activations
+            if row.get("cuda_max_allocated"):
+                row["cuda_error_pct"] = 100 * (est.peak - row["cuda_max_allocated"]) / row["cuda_max_allocated"]
             row["predicted_phase"] = est.peak_detail.get("phase")
             row["dropout_mask_bytes"] = est.by_role.get("dropout_mask", 0)
             if row.get("peak"):
@@ -342,6 +390,9 @@ def _measure_rows(bench: "Bench", names: list[str], rows: dict) -> list:
             print(f"{name}: failed: {type(e).__name__}: {first}", flush=True)
         else:
             settings.append(s)
+        if bench.device.type == "cuda" and name != "slimfit+offload":
+            s.optimizer = None  # made again for the timed rounds
+            bench.release_optimizers()
         gc.collect()
     return settings
 
@@ -378,12 +429,17 @@ def _timed_rounds(settings: list, repeats: int, key: str) -> None:
     """One untimed round (recompiles after a torch._dynamo.reset()), then ``repeats`` interleaved
     rounds of one step per setting; the times go to ``row[key]``."""
     log(f"step times: an untimed round, then {repeats} interleaved rounds over {[s.name for s in settings]}")
+    sync = torch.cuda.synchronize if any(s.bench.device.type == "cuda" for s in settings) else (lambda: None)
     for r in range(-1, repeats):
         for s in settings:
             s.activate()
+            if s.optimizer is None:
+                s.optimizer = s.bench.optimizer_for(s.frozen)
             gc.collect()
+            sync()
             t0 = time.perf_counter()
             s.step()
+            sync()
             if r >= 0:
                 s.row.setdefault(key, []).append(time.perf_counter() - t0)
         if r >= 0:
@@ -401,6 +457,11 @@ def summarize(rows: dict) -> None:
             r["peak_ratio"] = r["peak"] / base["peak"]
         if r.get("saved") is not None and base.get("saved"):
             r["saved_ratio"] = r["saved"] / base["saved"]
+    off = rows.get("slimfit-off", {})
+    if off.get("time_median_s"):
+        for r in rows.values():
+            if r.get("time_median_s"):
+                r["time_ratio_to_off"] = r["time_median_s"] / off["time_median_s"]
     eager, compiled = rows.get("slimfit", {}), rows.get("slimfit+torch.compile", {})
     if eager.get("times_vs_compiled") and compiled.get("times_vs_compiled"):
         ratio = statistics.median(compiled["times_vs_compiled"]) / statistics.median(eager["times_vs_compiled"])
@@ -422,13 +483,16 @@ def _mib(n) -> str:
 
 def markdown(result: dict) -> str:
     a, m, v = result["args"], result["machine"], result["versions"]
+    device, precision = a.get("device", "cpu"), a.get("precision", "fp32")
+    where = f"device {result['gpu']}" if result.get("gpu") else f"device {device}"
     lines = [
         f"## bench_memory: {a['model']}, batch {a['batch']}"
-        + (f", seq {a['seq']}" if a.get("seq") else "") + ", fp32, AdamW (PyTorch default implementation)",
+        + (f", seq {a['seq']}" if a.get("seq") else "") + f", {precision}, {device}, AdamW (PyTorch default "
+        "implementation)",
         "",
         f"- command: `{result['command']}`",
         f"- date: {result['date']}; machine: {m['processor']}, {m['cpus']} CPUs ({m['torch_threads']} torch "
-        f"threads), device cpu; python {m['python']}, torch {v['torch']}, transformers {v['transformers']}",
+        f"threads), {where}; python {m['python']}, torch {v['torch']}, transformers {v['transformers']}",
         f"- frozen: {result['frozen_layers']}/{result['layers']} SlimFit layers at random (seed {a['seed']}) in "
         f"the freeze and slimfit rows; measured with slimfit_fx.measure (saved_bytes, peak_bytes of the second "
         f"step); step time: median of {a['repeats']} interleaved rounds",
@@ -436,6 +500,12 @@ def markdown(result: dict) -> str:
     ]
     headers = ["setting", "saved act.", "peak", "params", "grads", "optimizer", "act.+temp.", "offloaded",
                "predicted peak", "pred. error", "peak vs pytorch", "saved vs pytorch", "step time vs pytorch"]
+    cuda = any(r.get("cuda_max_allocated") for r in result["rows"].values())
+    off = "slimfit-off" in result["rows"]
+    if cuda:
+        headers += ["CUDA max allocated", "pred. vs CUDA"]
+    if off:
+        headers.append("step time vs off()")
     lines.append("| " + " | ".join(headers) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(headers) - 1)) + "|")
     notes = []
@@ -455,6 +525,11 @@ def markdown(result: dict) -> str:
             ]
             if r.get("peak") is None:
                 cells[3:8] = ["-"] * 5
+            if cuda:
+                err = r.get("cuda_error_pct")
+                cells += [_mib(r.get("cuda_max_allocated")), f"{err:+.1f}%" if err is not None else "-"]
+            if off:
+                cells.append(_x(r.get("time_ratio_to_off")))
         lines.append("| " + " | ".join(cells) + " |")
         if r.get("note"):
             notes.append(f"- {r['label']}: {r['note']}")
@@ -474,7 +549,7 @@ def markdown(result: dict) -> str:
                          f"others; its ratio to pytorch goes through slimfit's); saved "
                          f"bytes {_x(r['saved'] / eager['saved']) if eager.get('saved') else '-'} of it.")
     base = result["rows"].get("pytorch", {})
-    if base.get("dropout_mask_bytes"):
+    if base.get("dropout_mask_bytes") and device == "cpu":
         notes.append(f"- CPU dropout keeps float32 masks ({_mib(base['dropout_mask_bytes'])} of plain "
                      "PyTorch's saved bytes; CUDA keeps 1-byte masks): savings on masks are CPU figures.")
     notes.append("- peak columns: live tensor storages at the step's peak (params + grads + optimizer + "
@@ -489,6 +564,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=None, help="text models; default: the workload's (128, 512)")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--freeze-ratio", type=float, default=0.9)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--seed", type=int, default=0, help="seed of the random frozen set")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
     ap.add_argument("--settings", default=",".join(SETTINGS),
@@ -508,7 +585,7 @@ def main(argv=None) -> int:
         path.with_suffix(".md").write_text(md)
         print(md)
         if args.docs:
-            update_docs(Path(args.docs), result["args"]["model"], md)
+            update_docs(Path(args.docs), _docs_key(result["args"]), md)
         return 0
     argv_used = sys.argv[1:] if argv is None else list(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -523,7 +600,10 @@ def main(argv=None) -> int:
         args.seq = seq if args.seq is None else args.seq
     if args.repeats < 1 or args.batch < 1:
         ap.error("--repeats and --batch must be positive")
-    out = Path(args.out or f"results/bench_memory_{args.model}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    suffix = "" if (args.device, args.precision) == ("cpu", "fp32") else f"_{args.device}_{args.precision}"
+    out = Path(args.out or f"results/bench_memory_{args.model}{suffix}")
 
     import transformers
     from transformers.utils import logging as hf_logging
@@ -540,6 +620,7 @@ def main(argv=None) -> int:
                     "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "slimfit_fx": slimfit_fx.__version__},
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
         "args": vars(args),
         "layers": len(bench.layers),
         "frozen_layers": len(bench.frozen),
@@ -555,8 +636,19 @@ def main(argv=None) -> int:
     out.with_suffix(".md").write_text(md)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     if args.docs:
-        update_docs(Path(args.docs), args.model, md)
+        update_docs(Path(args.docs), _docs_key(vars(args)), md)
     return 0
+
+
+def _docs_key(a: dict) -> str:
+    """The marker name of a run's section: the model, then device and precision when not cpu/fp32,
+    then the batch when it is not the workload's."""
+    key = a["model"]
+    if (a.get("device", "cpu"), a.get("precision", "fp32")) != ("cpu", "fp32"):
+        key += f" {a['device']} {a['precision']}"
+    if a.get("batch") != WORKLOADS.get(a["model"], (8, 128))[0]:
+        key += f" batch {a['batch']}"
+    return key
 
 
 def update_docs(page: Path, model: str, md: str) -> None:
