@@ -795,6 +795,7 @@ class GraphAnalysis:
     graph: nx.DiGraph
     config: SlimFitConfig | None
     aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter name -> canonical name
+    device: str = "cpu"  # the device type the graph's tensors live on
 
     def requires_grad(self, trainable: set[str]) -> dict[str, bool]:
         """Which node outputs require grad when exactly ``trainable`` parameters do."""
@@ -1020,4 +1021,5 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         parameters=param_info, layers=layers, storages=storages, uses=uses, unknown_ops=unknown,
         node_inputs=node_inputs, node_kind=node_kind, float_out=float_out, order=order, layer_op=layer_op,
         ln_weight=ln_weight, graph=graph, config=config, aliases={k: v for k, v in canonical.items() if k != v},
+        device=next((v.device.type for n in gm.graph.nodes if (v := _val(n)) is not None), "cpu"),
     )

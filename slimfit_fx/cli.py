@@ -228,10 +228,7 @@ def _notes(plain: MemoryPlan, base: ReportColumn, model: nn.Module, ratio: float
 
 def _rewrite_notes(compiled) -> list[str]:
     """What the passes did, counted by kind (e.g. where attention stayed on a fused kernel)."""
-    counts: dict[str, int] = {}
-    for node in compiled.graph_module.graph.nodes:
-        for note in node.meta.get("slimfit", []):
-            counts[note] = counts.get(note, 0) + 1
+    counts = compiled.rewrite_notes()
     if not counts:
         return ["SlimFit rewrote nothing in this graph."]
     return ["SlimFit rewrites: " + "; ".join(f"{n} x {note}" for note, n in sorted(counts.items())) + "."]

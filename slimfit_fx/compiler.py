@@ -135,6 +135,16 @@ class SlimFitModule(nn.Module):
             object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
         return gm
 
+    def rewrite_notes(self) -> dict[str, int]:
+        """What the passes did in the captured graphs, counted by kind (``"GELU input quantized": 12``,
+        where attention stayed on a fused kernel, what was kept unquantized and why)."""
+        counts: dict[str, int] = {}
+        for gm in self._graphs.values():
+            for node in gm.graph.nodes:
+                for note in node.meta.get("slimfit", []):
+                    counts[note] = counts.get(note, 0) + 1
+        return counts
+
     @property
     def graph_module(self) -> fx.GraphModule | None:
         """The rewritten training graph captured first (None before the first call)."""

@@ -205,7 +205,8 @@ class MemoryPlan:
         acts = static + dynamic
         total = params + self.buffers_bytes + grads + state + acts
         detail = _peak(a, trainable, active, optimizer, impl)
-        detail["fixed"] = params + self.buffers_bytes + state + detail["inputs"]
+        detail["device_workspaces"] = device_workspace_bytes(a.device)
+        detail["fixed"] = params + self.buffers_bytes + state + detail["inputs"] + detail["device_workspaces"]
         peak = detail["fixed"] + detail[detail["phase"]]
         return MemoryEstimate(
             parameters=params, buffers=self.buffers_bytes, gradients=grads, optimizer_state=state,
@@ -259,6 +260,28 @@ class MemoryPlan:
 # of an op (incoming gradient, the gradient it produces, dequantized copies, the
 # temporaries of slimfit_fx's own backward formulas) are modelled from the
 # sizes of what it saves.  ``tests/test_peak_model.py`` states the accuracy.
+
+
+def device_workspace_bytes(device_type: str) -> int:
+    """What the device's allocator holds for the kernels' own use once a matmul has run: on CUDA, the
+    cuBLAS and cuBLASLt workspaces of the current stream, which PyTorch allocates through its caching
+    allocator (so ``max_memory_allocated`` counts them).  Sizes follow PyTorch's rules:
+    ``CUBLAS_WORKSPACE_CONFIG`` (``:KiB:count`` pairs; default ``:4096:2:16:8``, 32 MiB on Hopper) and
+    ``TORCH_CUBLASLT_WORKSPACE_SIZE`` in KiB (default 32 MiB on Hopper, 4 MiB before it).  0 elsewhere."""
+    import os
+
+    if device_type != "cuda":
+        return 0
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else 9
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        fields = [int(f) for f in config.split(":") if f.strip().isdigit()]
+        cublas = sum(size * count for size, count in zip(fields[::2], fields[1::2])) * 1024
+    else:
+        cublas = 32 * 2**20 if major == 9 else (4096 * 2 + 16 * 8) * 1024
+    lt_kib = os.environ.get("TORCH_CUBLASLT_WORKSPACE_SIZE")
+    cublaslt = int(lt_kib) * 1024 if lt_kib and lt_kib.isdigit() else (32 if major >= 9 else 4) * 2**20
+    return cublas + cublaslt
 
 
 def _resolve_optimizer(optimizer, impl: str | None) -> tuple[str, str]:

@@ -168,3 +168,24 @@ def test_fp16_autocast_default_formats_are_finite_and_close():
     for k in _carrying("gpt2"):
         assert torch.isfinite(grads[k]).all(), k
         assert F.cosine_similarity(grads[k].flatten().float(), ref_grads[k].flatten().float(), dim=0) >= 0.98, k
+
+
+def test_float64_runs_unquantized_with_a_note():
+    model, inputs = _setup("bert", "fp32")
+    model.to(torch.float64)
+    torch.manual_seed(1)
+    ref = call(model, inputs)
+    ref.backward()
+    ref_grads = _grads(model)
+    slim = slimfit_fx.compile(model, inputs, SlimFitConfig())
+    torch.manual_seed(1)
+    loss = call(slim, inputs)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    for k, g in _grads(model).items():  # nothing frozen, nothing quantized: eager's arithmetic
+        torch.testing.assert_close(g, ref_grads[k], rtol=1e-12, atol=1e-15, msg=k)
+    notes = slim.rewrite_notes()
+    assert notes["GELU input kept unquantized: the formats do not take torch.float64"] == 2
+    assert notes["attention kept unquantized: the formats do not take torch.float64"] == 2
+    measured = saved_bytes(lambda: call(slim, inputs), params=model)
+    assert slim.plan.predict().activations == measured

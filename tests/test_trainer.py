@@ -135,3 +135,36 @@ def test_integrations_names_resolve_lazily():
     assert integrations.wrap_ddp is distributed.wrap_ddp
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         integrations.nope
+
+
+def _trained(tmp_path, name, bf16, compile):
+    from transformers import Trainer
+
+    model = _model()
+    cb = SlimFitCallback(Ratio(0.5), compile=compile, config=slimfit_fx.SlimFitConfig.off(), seed=0)
+    args = _args(tmp_path / name, max_steps=4, bf16=bf16)
+    Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[cb]).train()
+    slim = model.__dict__.get("_slimfit_module")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, slim
+
+
+def test_bf16_trainer_trains_the_compiled_model_in_bf16(tmp_path):
+    # With the rewrites off, the compiled model computes what eager does: in the Trainer's bf16
+    # autocast it must end bit-identical to the plain model trained with bf16=True, and away from fp32.
+    compiled, slim = _trained(tmp_path, "compiled", bf16=True, compile=True)
+    plain, _ = _trained(tmp_path, "plain", bf16=True, compile=False)
+    fp32, _ = _trained(tmp_path, "fp32", bf16=False, compile=True)
+    assert [key[-1] for key in slim._graphs] == [(("cpu", torch.bfloat16),)]
+    for k in plain:
+        torch.testing.assert_close(compiled[k], plain[k], rtol=0, atol=0, msg=k)
+    assert max((compiled[k] - fp32[k]).abs().max().item() for k in plain) > 1e-4
+
+
+def test_a_callback_added_late_to_a_bf16_trainer_is_refused(tmp_path):
+    from transformers import Trainer
+
+    model = _model()
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2, bf16=True), train_dataset=_dataset())
+    trainer.add_callback(SlimFitCallback(Ratio(0.5), compile=True))
+    with pytest.raises(RuntimeError, match="callbacks=\\[SlimFitCallback"):
+        trainer.train()

@@ -68,9 +68,10 @@ class _LayerNorm(torch.autograd.Function):
                 grad, x, ctx.normalized_shape, mean, rstd, _cast(weight, ctx.dtype), _cast(bias, ctx.dtype), mask)
             return gx, _grad_as(gw, ctx.dtypes[0]), _grad_as(gb, ctx.dtypes[1]), None, None, None, None
         values, index, rstd, weight = _saved.load(ctx)
-        g = grad.reshape(-1, ctx.row).float()
-        x_hat = torch.zeros_like(g).scatter_(-1, index.long(), values.float())
-        gw = g * _cast(weight, ctx.dtype).reshape(1, -1).float()
+        acc = torch.promote_types(grad.dtype, torch.float32)
+        g = grad.reshape(-1, ctx.row).to(acc)
+        x_hat = torch.zeros_like(g).scatter_(-1, index.long(), values.to(acc))
+        gw = g * _cast(weight, ctx.dtype).reshape(1, -1).to(acc)
         rstd = rstd.reshape(-1, 1)
         gx = rstd * (gw - gw.mean(-1, keepdim=True) - x_hat * (gw * x_hat).mean(-1, keepdim=True))
         return gx.to(grad.dtype).reshape(ctx.x_shape), None, gb, None, None, None, None
