@@ -62,6 +62,7 @@ SETTINGS = ("full", "ratio", "budget")
 # trains in about 10% of the iterations (its relative weight change ranks low), which cost the tiny
 # ViT 18 points and MiniLM spread across seeds.  It is 0.003% of MiniLM's weights: keep it trainable.
 DEFAULT_EXCLUDE = ("classifier.*",)
+FORMATS = {"default": slimfit_fx.SlimFitConfig, "paper": slimfit_fx.SlimFitConfig.paper}
 MiB = 2 ** 20
 
 
@@ -76,7 +77,7 @@ class Task:
     name: str
     data: dict  # train_* / test_* tensors (tasks.vader_sentiment or one half of tasks.digits_transfer)
     make_model: Callable[[int], torch.nn.Module]  # seed -> fresh model (new head initialised under seed)
-    config: Any = None  # SlimFitConfig for compile (None: the paper's formats)
+    config: Any = None  # SlimFitConfig for compile (None: SlimFitConfig(), the default formats)
 
 
 def vader_task(seed: int, seq: int = 16) -> Task:
@@ -301,6 +302,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frozen-state", choices=("keep", "offload", "compress"), default="keep",
                    help="where the scheduled settings keep frozen layers' AdamW state (compress is lossy)")
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    p.add_argument("--formats", choices=sorted(FORMATS), default="default",
+                   help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
+                        "min/max) or SlimFitConfig.paper() (the paper's fixed-point formats)")
     p.add_argument("--out", default=None, help="JSON path (default results/<tool>_<tag>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None,
@@ -334,6 +338,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         log(f"seed {seed}: building the task and {len(args.settings)} models")
         task = vader_task(seed, args.seq)
+        task.config = FORMATS[args.formats]()
         per_seed[seed] = run_seed(task, seed, settings=args.settings, steps=args.steps, batch=args.batch, lr=args.lr,
                                   ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
                                   trim=args.trim, weight_decay=args.weight_decay, progress=not args.no_progress)

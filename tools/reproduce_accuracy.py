@@ -153,6 +153,7 @@ def main(argv=None) -> int:
                 # The digits split is fixed (seed 0: the pre-training saw none of its test images);
                 # the seed draws the head, batch order, dropout and the scheduler's initial scores.
                 task = vit_task(digits, state)
+            task.config = finetune.FORMATS[args.formats]()
             per_seed[seed] = finetune.run_seed(task, seed, **common, **cfg)
             for name in args.settings:
                 r = per_seed[seed][name]

@@ -37,21 +37,19 @@ def _check_dtype(x: Tensor) -> None:
                         "float64 and integer tensors are kept unquantized")
 
 
-def _rounding(rows: Tensor, seed: int) -> Tensor | float:
-    if seed < 0:
-        return 0.5
-    generator = torch.Generator(device=rows.device).manual_seed(seed)
-    return torch.rand(rows.shape, generator=generator, device=rows.device)
-
-
 def _codes(rows: Tensor, levels: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """Codes (uint8, rows' shape), scale and lo (fp32, one per row) of a [groups, width] fp32 block."""
-    lo, hi = rows.amin(1), rows.amax(1)  # two reductions beat one aminmax over short rows
+    lo, hi = rows.amin(1), rows.amax(1)  # two reductions beat one aminmax over short rows (10x on the CPU)
     scale = (hi - lo).div_(levels)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = (rows - lo[:, None]).div_(safe[:, None])
-    v = v.add_(_rounding(rows, seed)).floor_().clamp_(0, levels)
-    return v.to(torch.uint8), scale, lo
+    v = (rows - lo[:, None]).div_(safe[:, None])  # in [0, levels]
+    if seed < 0:
+        v.add_(0.5)  # then truncation is floor(v + 0.5)
+    else:
+        generator = torch.Generator(device=rows.device).manual_seed(seed)
+        v.add_(torch.rand(rows.shape, generator=generator, device=rows.device)).clamp_(0, levels)
+    # float -> int16 -> uint8 is several times faster on the CPU than float -> uint8
+    return v.to(torch.int16).to(torch.uint8), scale, lo
 
 
 def quantize_minmax(x: Tensor, bits: int, group_size: int, seed: int = -1) -> tuple[Tensor, Tensor, Tensor]:
@@ -142,7 +140,7 @@ def pack_bits(mask: Tensor) -> Tensor:
     """A boolean (or 0/1) tensor as ``ceil(numel / 8)`` bytes, element ``i`` in bit ``i % 8`` of byte ``i // 8``."""
     flat = mask.reshape(-1)
     if flat.dtype != torch.bool:
-        flat = flat != 0
+        flat = flat.to(torch.bool)  # nonzero -> True; faster than != 0
     n = flat.numel()
     if n % 8:
         flat = torch.cat([flat, flat.new_zeros(8 - n % 8)])

@@ -102,16 +102,22 @@ class _Attention(torch.autograd.Function):
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         shape, acc, device = ctx.probs_meta
         grad, probs = grad.to(acc), probs.to(acc)
-        probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(acc).tiny)
-        noise = None if kept is None else mask_from(kept, ctx.mask_mode, shape, acc, device, ctx.dropout_p)
+        probs.div_(probs.sum(-1, keepdim=True).clamp_min_(torch.finfo(acc).tiny))  # fresh: dequantized
+        mask = None
+        if kept is not None:  # the 0/1 mask; its 1 / (1 - p) scale goes on the smaller dO-sized tensors
+            mask = mask_from(kept, ctx.mask_mode, shape, acc, device, ctx.dropout_p, scaled=False)
+            grad = grad * (1.0 / (1 - ctx.dropout_p))
         dq = dk = dv = None
         if need_v:
-            dropped = probs if noise is None else probs * noise
+            dropped = probs if mask is None else probs * mask
             dv = _sum_heads(dropped.transpose(-1, -2) @ grad, ctx.kv_heads).to(ctx.dtypes[2])
+            del dropped
         if need_q or need_k:
-            d_dropped = grad @ _repeat_kv(v.to(acc), ctx.heads).transpose(-1, -2)
-            d_probs = d_dropped if noise is None else d_dropped * noise
-            d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True))
+            d_probs = grad @ _repeat_kv(v.to(acc), ctx.heads).transpose(-1, -2)
+            if mask is not None:
+                d_probs.mul_(mask)
+            d_scores = torch._softmax_backward_data(d_probs, probs, -1, acc)
+            del d_probs
             if need_q:
                 dq = ((d_scores @ _repeat_kv(k.to(acc), ctx.heads)) * ctx.scale).to(ctx.dtypes[0])
             if need_k:

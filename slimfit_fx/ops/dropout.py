@@ -63,14 +63,21 @@ def keep_mask(x: torch.Tensor, p: float, mode: str) -> tuple[torch.Tensor, torch
     return torch.dropout(x, p, True), state
 
 
-def mask_from(kept: torch.Tensor, mode: str, shape, dtype, device, p: float) -> torch.Tensor:
-    """The scaled mask (``mask / (1 - p)``, in ``dtype``) that ``keep_mask`` applied."""
+def mask_from(kept: torch.Tensor, mode: str, shape, dtype, device, p: float, scaled: bool = True) -> torch.Tensor:
+    """The mask ``keep_mask`` applied, in ``dtype``: scaled (``mask / (1 - p)``, bit for bit what eager
+    multiplies by) or, with ``scaled=False``, the 0/1 mask itself."""
     if mode == "bits":
         mask = torch.ops.slimfit.unpack_bits(kept, _numel(shape)).view(shape)
-        return mask.to(dtype).div_(1 - p)
+        # bool -> float converts slowly on the CPU; its bytes as uint8 convert fast
+        mask = mask.view(torch.uint8).to(dtype)
+        return mask.div_(1 - p) if scaled else mask
     if mode == "full":
-        return kept.to(dtype) if kept.dtype != torch.bool else kept.to(dtype) * (1.0 / (1 - p))
-    return replay_mask(kept, shape, dtype, device, p)
+        if kept.dtype == torch.bool:  # CUDA's native_dropout mask
+            mask = kept.to(dtype)
+            return mask * (1.0 / (1 - p)) if scaled else mask
+        return kept.to(dtype) if scaled else (kept != 0).to(dtype)
+    mask = replay_mask(kept, shape, dtype, device, p)
+    return mask if scaled else (mask != 0).to(dtype)
 
 
 def _numel(shape) -> int:

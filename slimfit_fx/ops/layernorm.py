@@ -4,9 +4,11 @@ Trainable weight: the forward and the kept tensors are eager PyTorch's
 (input, per-row mean and 1/sigma), and the backward is ATen's.
 Frozen weight, input needing grad: keep per row the top ``keep_ratio`` of |x_hat| (values and int16
 column indices, int32 past 32,767 columns) plus 1/sigma, where
-x_hat = (x - mean) / sigma.  Backward scatters them into zeros and uses
-grad_x = (1/sigma) * (g*w - mean(g*w) - x_hat * mean(g*w*x_hat))
-(SLIMFIT.md section 6); the bias, which always trains, gets sum(g).  Frozen weight and an input that
+x_hat = (x - mean) / sigma.  The kept set is chosen on |x - mean| (the same order, one pass fewer)
+and x_hat is formed at the kept entries only; ties at the k-th value are broken as ``torch.topk``
+breaks them.  Backward uses
+grad_x = (1/sigma) * (g*w - mean(g*w) - x_hat * mean(g*w*x_hat)) with x_hat zero off the kept
+entries, so the last term is a scatter of k values per row; the bias, which always trains, gets sum(g).  Frozen weight and an input that
 needs no grad (e.g. above frozen embeddings): keep nothing, only sum(g) is due.
 The choice is read at run time, so the frozen set can change every step.
 """
@@ -46,9 +48,10 @@ class _LayerNorm(torch.autograd.Function):
             _saved.save(ctx)  # the bias gradient is sum(g): nothing to keep
         elif ctx.mode == "pruned":
             row = math.prod(normalized_shape)
-            x_hat = (x.reshape(-1, row) - mean.reshape(-1, 1)) * rstd.reshape(-1, 1)
-            values, index = x_hat.abs().topk(keep_count(row, keep_ratio), dim=-1, sorted=False)
-            values = x_hat.gather(-1, index).to(x.dtype)
+            rows, mean = x.reshape(-1, row), mean.reshape(-1, 1)
+            # 1/sigma > 0 per row: the top |x - mean| are the top |x_hat|, and x_hat is made for those only
+            index = (rows - mean).abs_().topk(keep_count(row, keep_ratio), dim=-1, sorted=False).indices
+            values = ((rows.gather(-1, index) - mean) * rstd.reshape(-1, 1)).to(x.dtype)
             index = index.to(torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32)
             _saved.save(ctx, values, index, rstd, weight)
         else:
@@ -70,10 +73,12 @@ class _LayerNorm(torch.autograd.Function):
         values, index, rstd, weight = _saved.load(ctx)
         acc = torch.promote_types(grad.dtype, torch.float32)
         g = grad.reshape(-1, ctx.row).to(acc)
-        x_hat = torch.zeros_like(g).scatter_(-1, index.long(), values.to(acc))
-        gw = g * _cast(weight, ctx.dtype).reshape(1, -1).to(acc)
-        rstd = rstd.reshape(-1, 1)
-        gx = rstd * (gw - gw.mean(-1, keepdim=True) - x_hat * (gw * x_hat).mean(-1, keepdim=True))
+        gw = g * _cast(weight, ctx.dtype).reshape(1, -1).to(acc) if weight is not None else g.clone()
+        index, values, rstd = index.long(), values.to(acc), rstd.reshape(-1, 1).to(acc)
+        # grad_x = rstd * (gw - mean(gw) - x_hat * mean(gw * x_hat)); x_hat is zero but at the kept entries
+        c = (gw.gather(-1, index) * values).sum(-1, keepdim=True).div_(ctx.row)
+        gx = gw.sub_(gw.mean(-1, keepdim=True)).mul_(rstd)
+        gx.scatter_add_(-1, index, values.mul_(rstd * c).neg_())
         return gx.to(grad.dtype).reshape(ctx.x_shape), None, gb, None, None, None, None
 
 
