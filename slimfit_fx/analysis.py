@@ -731,7 +731,7 @@ def _unknown_rule(node, ctx):
 
 
 def layer_parameters(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:
-    """SlimFit layers: every parameter with 2+ dims, plus LayerNorm/RMSNorm weights (SLIMFIT.md 1).
+    """SlimFit layers: every parameter with 2+ dims, plus LayerNorm/RMSNorm weights (the SlimFit paper's definition).
 
     Biases never count.  Norm weights are recognised by name (``norm`` or ``ln`` in the
     path, ending in ``weight``), which covers HF BERT/ViT/GPT-2/LLaMA naming.

@@ -113,7 +113,7 @@ class MemoryPlan:
 
     @property
     def layers(self) -> list[str]:
-        """SlimFit layers: the weight tensors the scheduler may freeze (SLIMFIT.md section 1)."""
+        """SlimFit layers: the weight tensors the scheduler may freeze (the SlimFit paper's definition)."""
         return list(self.analysis.layers)
 
     @property

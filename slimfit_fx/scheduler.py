@@ -1,6 +1,6 @@
 """The inter-layer scheduler (ILS): which weight tensors train in each iteration.
 
-SlimFit (SLIMFIT.md sections 1-3) freezes, every iteration, the layers whose
+SlimFit (the paper's inter-layer scheduling) freezes, every iteration, the layers whose
 weights have been changing least.  The scheduler plugs into any
 ``torch.optim.Optimizer`` through its step hooks, so a normal loop
 (``loss.backward(); optimizer.step(); optimizer.zero_grad()``) needs one extra
@@ -166,7 +166,7 @@ class Scheduler:
     parameters.  ``policy``: :class:`Ratio` or :class:`Budget`.
 
     Which tensors take part: the SlimFit layers (every parameter of 2+ dims and
-    every norm weight, SLIMFIT.md section 1) that the optimizer updates and that
+    every norm weight, as the paper defines them) that the optimizer updates and that
     require grad when the scheduler starts, minus ``exclude`` (fnmatch patterns
     on parameter names, e.g. ``"classifier.*"``: always trained) and, when
     ``include`` is given, restricted to names matching it.  Biases always train.

