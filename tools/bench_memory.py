@@ -26,7 +26,8 @@ a whole AdamW step (forward, backward, step, zero_grad) after a warm-up step (``
 into parameters / gradients / optimizer state / activations+temporaries (plus what is host-resident
 at the peak: ``offloaded``).  Predicted: ``MemoryPlan.predict(frozen, optimizer).peak`` for the rows
 with a plan.  Step time: ``--repeats`` interleaved rounds, one timed step per setting per round
-(round-robin), median, as a ratio to plain eager PyTorch and to ``slimfit-off``; on CUDA each timed
+(round-robin); a row's ratio to plain eager PyTorch (and to ``slimfit-off``) is the median over rounds of
+its time over that row's in the same round; on CUDA each timed
 step is bracketed by ``torch.cuda.synchronize()`` and the peak of ``torch.cuda.max_memory_allocated``
 is reported beside the tracker's (other rows' optimizer state freed first).  A setting that fails (e.g. no C++
 compiler for inductor) gets a row that says why; the others go on.
@@ -406,7 +407,8 @@ def run(args) -> tuple[dict, Bench]:
     # interleaved with the eager slimfit row only.
     late = "slimfit+torch.compile"
     settings = _measure_rows(bench, [n for n in args.settings if n != late], rows)
-    _timed_rounds(settings, args.repeats, "times")
+    timed = [s for s in settings if not args.time_settings or s.name in args.time_settings]
+    _timed_rounds(timed, args.repeats, "times")
     if late in args.settings:
         torch._dynamo.reset()
         compiled = _measure_rows(bench, [late], rows)
@@ -446,25 +448,29 @@ def _timed_rounds(settings: list, repeats: int, key: str) -> None:
             log(f"round {r + 1}: " + ", ".join(f"{s.name} {s.row[key][-1]:.2f}s" for s in settings))
 
 
+def _paired_ratio(times: list, reference: list) -> float | None:
+    """Median over rounds of this row's step time over the reference row's in the same round: pairs
+    steps taken moments apart, so a machine that slows down or speeds up between rounds cancels out."""
+    pairs = [t / r for t, r in zip(times, reference) if r]
+    return statistics.median(pairs) if pairs else None
+
+
 def summarize(rows: dict) -> None:
     base = rows.get("pytorch", {})
-    base_time = statistics.median(base["times"]) if base.get("times") else None
+    off = rows.get("slimfit-off", {})
     for r in rows.values():
         if r["times"]:
             r["time_median_s"] = statistics.median(r["times"])
-            r["time_ratio"] = r["time_median_s"] / base_time if base_time else None
+            r["time_ratio"] = _paired_ratio(r["times"], base.get("times") or [])
+            if off.get("times"):
+                r["time_ratio_to_off"] = _paired_ratio(r["times"], off["times"])
         if r.get("peak") and base.get("peak"):
             r["peak_ratio"] = r["peak"] / base["peak"]
         if r.get("saved") is not None and base.get("saved"):
             r["saved_ratio"] = r["saved"] / base["saved"]
-    off = rows.get("slimfit-off", {})
-    if off.get("time_median_s"):
-        for r in rows.values():
-            if r.get("time_median_s"):
-                r["time_ratio_to_off"] = r["time_median_s"] / off["time_median_s"]
     eager, compiled = rows.get("slimfit", {}), rows.get("slimfit+torch.compile", {})
     if eager.get("times_vs_compiled") and compiled.get("times_vs_compiled"):
-        ratio = statistics.median(compiled["times_vs_compiled"]) / statistics.median(eager["times_vs_compiled"])
+        ratio = _paired_ratio(compiled["times_vs_compiled"], eager["times_vs_compiled"])
         compiled["time_ratio_to_slimfit"] = ratio
         if eager.get("time_ratio") is not None:
             compiled["time_ratio"] = ratio * eager["time_ratio"]  # its own phase: via the eager slimfit row
@@ -495,7 +501,8 @@ def markdown(result: dict) -> str:
         f"threads), {where}; python {m['python']}, torch {v['torch']}, transformers {v['transformers']}",
         f"- frozen: {result['frozen_layers']}/{result['layers']} SlimFit layers at random (seed {a['seed']}) in "
         f"the freeze and slimfit rows; measured with slimfit_fx.measure (saved_bytes, peak_bytes of the second "
-        f"step); step time: median of {a['repeats']} interleaved rounds",
+        f"step); step time: median over {a['repeats']} interleaved rounds of the ratio to the reference row's step "
+        "in the same round" + (f" (rows timed: {', '.join(a['time_settings'])})" if a.get("time_settings") else ""),
         "",
     ]
     headers = ["setting", "saved act.", "peak", "params", "grads", "optimizer", "act.+temp.", "offloaded",
@@ -570,6 +577,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (median)")
     ap.add_argument("--settings", default=",".join(SETTINGS),
                     help="comma-separated rows, of: " + ", ".join(SETTINGS))
+    ap.add_argument("--time-settings", default=None,
+                    help="comma-separated rows to time (default: every row); e.g. slimfit-off,slimfit,slimfit-paper "
+                         "times the formats' overhead without a full-training step in the rounds")
     ap.add_argument("--offload-mode", choices=["offload", "compress"], default="offload",
                     help="FrozenStateStore mode of the slimfit+offload row")
     ap.add_argument("--out", default=None, help="output path without suffix (default results/bench_memory_<model>)")
@@ -594,6 +604,9 @@ def main(argv=None) -> int:
         ap.error(f"--settings: unknown {unknown}; choose from {', '.join(SETTINGS)}")
     if "pytorch" not in args.settings:
         args.settings.insert(0, "pytorch")  # the reference of every ratio
+    args.time_settings = [s.strip() for s in args.time_settings.split(",")] if args.time_settings else None
+    if args.time_settings and set(args.time_settings) - set(args.settings):
+        ap.error(f"--time-settings: {sorted(set(args.time_settings) - set(args.settings))} are not in --settings")
     batch, seq = WORKLOADS.get(args.model, (8, 128))
     args.batch = batch if args.batch is None else args.batch
     if "vit" not in args.model:
