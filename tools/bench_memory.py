@@ -615,8 +615,7 @@ def main(argv=None) -> int:
         ap.error("--repeats and --batch must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
-    suffix = "" if (args.device, args.precision) == ("cpu", "fp32") else f"_{args.device}_{args.precision}"
-    out = Path(args.out or f"results/bench_memory_{args.model}{suffix}")
+    out = Path(args.out or f"results/bench_memory_{_docs_key(vars(args)).replace(' ', '_')}")
 
     import transformers
     from transformers.utils import logging as hf_logging
