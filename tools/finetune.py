@@ -178,9 +178,13 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
                 info["budget"] = budget
                 policy = slimfit_fx.Budget(budget["bytes"])
 
-            def factory(m, o, policy=policy):
+            # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
+            # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
+            bound = {} if name == "ratio" else {"max_frozen_steps": None}
+
+            def factory(m, o, policy=policy, bound=bound):
                 return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
-                                            seed=seed)
+                                            seed=seed, **bound)
         runs[name] = tasks.TrainRun(modules[name], data, batch=batch, lr=lr, seed=seed,
                                     weight_decay=weight_decay, trim=trim, scheduler=factory)
 
