@@ -20,6 +20,7 @@ as unknown; nothing saved is ever silently dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import operator
@@ -79,6 +80,9 @@ class Save:
     fmt: str = "full"
     sub: int | None = None  # position inside a list argument (aten.index indices)
     serves: tuple[int, ...] | None = None  # args whose gradient needs it (default: ``when``)
+    # (arg, requires_grad): saved only while that argument's requires_grad is this; the kernel an
+    # op runs can depend on it (SDPA runs its math kernel for a mask that trains)
+    variant: tuple[int, bool] | None = None
 
 
 @dataclass
@@ -91,6 +95,7 @@ class OpContext:
 
     config: SlimFitConfig | None
     is_param: Callable[[fx.Node], bool]
+    may_require_grad: Callable[[fx.Node], bool] = lambda node: True  # under some frozen set
 
     def absorbs_cast(self, weight) -> bool:
         """Whether the rewritten op takes the parameter behind this autocast cast and casts it
@@ -347,6 +352,21 @@ def cast_source(node) -> fx.Node | None:
     return src
 
 
+def returns_input(node) -> fx.Node | None:
+    """The input ``node`` hands back unchanged at run time, where the captured metadata shows a fresh
+    tensor: ``dropout`` with ``p=0`` or ``train=False``, ``contiguous`` of a contiguous tensor."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.args):
+        return None
+    key, src = op_key(node.target), node.args[0]
+    if not isinstance(src, fx.Node) or _val(src) is None:
+        return None
+    if key == "aten.dropout" and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "train", True)):
+        return src
+    if key == "aten.contiguous" and _val(src).is_contiguous():
+        return src
+    return None
+
+
 def produced_by_gelu(node) -> bool:
     """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
     while isinstance(node, fx.Node) and node.op == "call_function":
@@ -490,9 +510,9 @@ def _sdpa_choice(device, q, k, v, mask, dropout_p, is_causal, scale, gqa) -> str
 
 
 def _sdpa(node, ctx):
-    if ctx.config is not None and quantized_attention_wins(node, ctx.config):
+    if ctx.config is not None and quantized_attention_wins(node, ctx.config, ctx):
         return _sdpa_quantized(node, ctx.config)
-    return _sdpa_plain(node)
+    return _sdpa_plain(node, ctx)
 
 
 def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
@@ -513,7 +533,7 @@ def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
     saves = [
         kept(0, (1,), "attn_qk", cfg.attn_qk_format),
         kept(1, (0,), "attn_qk", cfg.attn_qk_format),
-        kept(2, (0, 1), "attn_v", cfg.attn_v_format),
+        kept(2, (0, 1, 3), "attn_v", cfg.attn_v_format),  # 3: a mask that trains (a relative-position bias)
         Save("new", 0, (), "attn_probs", share="probs",
              copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, acc.itemsize)),
     ]
@@ -524,7 +544,20 @@ def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
     return saves
 
 
-def _sdpa_plain(node) -> list[Save]:
+def _sdpa_plain(node, ctx: OpContext | None = None) -> list[Save]:
+    """What eager SDPA keeps: the kernel PyTorch picks for these shapes, or, while an additive mask
+    trains (a relative-position bias), the math kernel, the only one with a mask gradient."""
+    mask = _arg(node, 3, "attn_mask")
+    backend = sdpa_backend(node)
+    if not (isinstance(mask, fx.Node) and ctx is not None and ctx.may_require_grad(mask)) or backend == "math":
+        return _sdpa_kernel_saves(node, backend)
+    frozen = [dataclasses.replace(s, variant=(3, False)) for s in _sdpa_kernel_saves(node, backend)]
+    trains = [dataclasses.replace(s, variant=(3, True), share=f"{s.share or s.role}/math")
+              for s in _sdpa_kernel_saves(node, "math")]
+    return frozen + trains
+
+
+def _sdpa_kernel_saves(node, backend: str) -> list[Save]:
     q, k, v = (_arg(node, i) for i in range(3))
     qv, kv, vv = _val(q), _val(k), _val(v)
     mask = _arg(node, 3, "attn_mask")
@@ -533,7 +566,6 @@ def _sdpa_plain(node) -> list[Save]:
     n_q, n_k = _hint(qv.shape[-2]), _hint(kv.shape[-2])
     probs_numel = math.prod(lead) * n_q * n_k
     item = qv.dtype.itemsize
-    backend = sdpa_backend(node)
     if backend in ("flash", "efficient", "cudnn"):
         # Fused kernels keep q, k, v, the output and the row log-sum-exp; a boolean
         # mask is converted to an additive float mask that is kept too.
@@ -561,11 +593,11 @@ def _sdpa_plain(node) -> list[Save]:
     saves = [
         Save("new", 0, (1,), "attn_qk", copy_bytes=_numel(q) * item, share="q_scaled"),
         Save("new", 0, (0,), "attn_qk", copy_bytes=_numel(k) * item, share="k_scaled"),
-        Save("new", 0, (0, 1), "attn_probs", copy_bytes=probs_numel * item, share="probs"),
-        Save("arg", 2, (0, 1), "attn_v", copy_bytes=v_copy),
+        Save("new", 0, (0, 1, 3), "attn_probs", copy_bytes=probs_numel * item, share="probs"),
+        Save("arg", 2, (0, 1, 3), "attn_v", copy_bytes=v_copy),
     ]
     if dropout_p > 0:
-        saves.append(Save("new", 0, (0, 1), "dropout_mask", copy_bytes=probs_numel * item, share="mask"))
+        saves.append(Save("new", 0, (0, 1, 3), "dropout_mask", copy_bytes=probs_numel * item, share="mask"))
         saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="dropped"))
     else:
         saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="probs"))
@@ -585,13 +617,37 @@ def _saves_bytes(node: fx.Node, saves: list[Save]) -> int:
     return total
 
 
-def quantized_attention_wins(node: fx.Node, config: SlimFitConfig) -> bool:
+def quantized_attention_wins(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> bool:
     """Whether the quantized attention core keeps fewer bytes than the kernel PyTorch
-    picks (a fused kernel keeps no N x N matrix, so at long sequences it can win).
+    picks (a fused kernel keeps no N x N matrix, so at long sequences it can win; a
+    mask that trains sends PyTorch to the math kernel, which keeps the matrix).
     The attention pass and the prediction both ask this one function."""
     if not config.quantizes_attention or not accepts(_val(_arg(node, 0)).dtype):
         return False
-    return _saves_bytes(node, _sdpa_quantized(node, config)) < _saves_bytes(node, _sdpa_plain(node))
+    mask = _arg(node, 3, "attn_mask")
+    trains = isinstance(mask, fx.Node) and (ctx.may_require_grad(mask) if ctx is not None else
+                                            _depends_on_parameter(mask))
+    plain = _sdpa_kernel_saves(node, "math" if trains else sdpa_backend(node))
+    return _saves_bytes(node, _sdpa_quantized(node, config)) < _saves_bytes(node, plain)
+
+
+def _depends_on_parameter(node: fx.Node) -> bool:
+    """Whether a parameter (a ``get_attr`` of an ``nn.Parameter``) reaches ``node`` (the passes' view)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "get_attr":
+            owner = n.graph.owning_module
+            try:
+                if isinstance(owner.get_parameter(n.target), torch.nn.Parameter):
+                    return True
+            except AttributeError:
+                pass
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def _cross_entropy(node, ctx):
@@ -631,6 +687,14 @@ def _fused_gelu_rule(x: fx.Node) -> Rule:
         return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q", copy_bytes=ctx.config.gelu_input_format.nbytes(_numel(x)))]
 
     return rule
+
+
+def _adaptive_pool(node, ctx):
+    """Adaptive average pooling keeps its input for the gradient, except to size 1: then it is a mean."""
+    size = _arg(node, 1, "output_size")
+    if size is not None and all(int(s) == 1 for s in size):
+        return []
+    return [Save("arg", 0, (0,), "pool_input")]
 
 
 def _where(node, ctx):
@@ -699,6 +763,13 @@ OP_TABLE: dict[str, Rule] = {
     "aten.clamp": _save_args((0, (0,))),
     "aten.clamp_min": _save_args((0, (0,))),
     "aten.clamp_max": _save_args((0, (0,))),
+    "aten.adaptive_avg_pool1d": _adaptive_pool,
+    "aten.adaptive_avg_pool2d": _adaptive_pool,
+    "aten.floor": _no_save,  # zero gradient: nothing kept
+    "aten.ceil": _no_save,
+    "aten.round": _no_save,
+    "aten.trunc": _no_save,
+    "aten.sign": _no_save,
     "aten.mul": _binary_mul,
     "aten.div": _binary_div,
     "aten.gather": _save_args((0, (0,)), (2, (0,)), role="indices"),
@@ -759,6 +830,7 @@ class SavedUse:
     when: tuple[str, ...]  # node names; saved iff any requires grad (empty: whenever recorded)
     owners: tuple[str, ...]  # parameter FQNs when the condition names only parameters (dynamic)
     fmt: str = "full"  # "ln_full"/"ln_pruned" pick a LayerNorm variant by the frozen state
+    variant: tuple[str, bool] | None = None  # (node, requires_grad): saved only in that state
 
     @property
     def dynamic(self) -> bool:
@@ -819,6 +891,8 @@ class GraphAnalysis:
                 continue  # the op is not recorded by autograd at all
             if use.when and not any(rg.get(w, False) for w in use.when):
                 continue
+            if use.variant is not None and rg.get(use.variant[0], False) != use.variant[1]:
+                continue
             if use.fmt in ("ln_full", "ln_pruned"):
                 w = self.ln_weight.get(use.node)
                 frozen = w is not None and w not in trainable
@@ -872,7 +946,9 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         float_out[n.name] = any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
                                 for v in vals)
         if isinstance(val, torch.Tensor):
-            storage_key[n.name] = StorageWeakRef(val.untyped_storage())
+            source = returns_input(n)
+            storage_key[n.name] = (storage_key[source.name] if source is not None and source.name in storage_key
+                                   else StorageWeakRef(val.untyped_storage()))
         if n.op == "get_attr":
             if n.target in all_params:
                 node_kind[n.name] = f"param:{canonical[n.target]}"
@@ -915,7 +991,14 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
     def weight_of(node: fx.Node) -> str | None:
         return param_of(node, through_casts=True)
 
-    ctx = OpContext(config=config, is_param=lambda n: weight_of(n) is not None)
+    # Nodes that require grad under some frozen set: those a parameter reaches through float ops.
+    reachable: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.name in param_node or (node_kind[n.name] == "op" and float_out[n.name]
+                                    and any(a.name in reachable for a in n.all_input_nodes)):
+            reachable.add(n.name)
+    ctx = OpContext(config=config, is_param=lambda n: weight_of(n) is not None,
+                    may_require_grad=lambda n: isinstance(n, fx.Node) and n.name in reachable)
     ids = _StorageIds()
     storages: list[SavedStorage] = []
     uses: list[SavedUse] = []
@@ -1008,7 +1091,10 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             serve_nodes = [arg_of(n, j) for j in serves if isinstance(arg_of(n, j), fx.Node)]
             owners = tuple(canonical.get(weight_of(s_), weight_of(s_)) for s_ in serve_nodes)
             owners = owners if owners and all(o is not None for o in owners) else ()
-            use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt)
+            variant = None
+            if save.variant is not None and isinstance(arg_of(n, save.variant[0]), fx.Node):
+                variant = (arg_of(n, save.variant[0]).name, save.variant[1])
+            use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt, variant)
             storages[sid].uses.append(len(uses))
             uses.append(use)
             graph.add_edge(f"tensor:{sid}", f"op:{n.name}", role=save.role, dynamic=bool(owners))

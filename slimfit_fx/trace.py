@@ -259,17 +259,22 @@ def _class_forward(model: nn.Module):
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module, inputs: Inputs):
-    """Capture HF decoders with ``config.use_cache`` off: training needs no KV cache, and a
-    cache object in the outputs cannot be exported.  Set on the config rather than passed
-    as an argument, so the graph keeps the forward signature the user calls."""
+    """Capture HF decoders with ``use_cache`` off: training needs no KV cache, and a cache object in
+    the outputs cannot be exported.  Set on the configs rather than passed as an argument, so the graph
+    keeps the forward signature the user calls; on every config the model's modules hold (an
+    encoder-decoder's decoder stack has its own copy, T5's among them)."""
     if not _wants_no_cache(model, inputs):
         yield
         return
-    model.config.use_cache = False
+    configs = {id(c): c for m in model.modules() if (c := getattr(m, "config", None)) is not None
+               and getattr(c, "use_cache", False) is True}
+    for c in configs.values():
+        c.use_cache = False
     try:
         yield
     finally:
-        model.config.use_cache = True
+        for c in configs.values():
+            c.use_cache = True
 
 
 @contextlib.contextmanager

@@ -15,7 +15,9 @@ Backward, with P_d = dropout(P):
 P's rows are renormalised to sum to one first (quantized rows do not), so the rows of
 dS sum to zero as softmax's gradient must: what softmax is blind to (a key bias) gets
 no spurious gradient.  Each tensor is kept only when a gradient that needs it is due:
-Q for dK, K for dQ, V and P for any (``analysis._sdpa_quantized`` prices the same).
+Q for dK, K for dQ, V and P for any (``analysis._sdpa_quantized`` prices the same).  An additive
+mask that trains (a relative-position bias) gets the scores' gradient dS, summed over the
+dimensions it was broadcast along; it is never kept itself.
 """
 from __future__ import annotations
 
@@ -80,7 +82,8 @@ class _Attention(torch.autograd.Function):
             kept_probs = _saved.keep(torch.ops.aten._safe_softmax(
                 _scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1), pf)
             kept = None
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
+        ctx.mask_shape = None if mask is None else (mask.shape, mask.dtype)
         ctx.dropout_p, ctx.scale, ctx.heads, ctx.mask_mode = dropout_p, scale, heads, mask_mode
         ctx.kv_heads = k.shape[-3]
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
@@ -90,7 +93,7 @@ class _Attention(torch.autograd.Function):
             ctx,
             _saved.keep(q, qk) if need_k else None,
             _saved.keep(k, qk) if need_q else None,
-            _saved.keep(v, vf) if (need_q or need_k) else None,
+            _saved.keep(v, vf) if (need_q or need_k or need_mask) else None,
             kept_probs,
             kept,
         )
@@ -99,7 +102,7 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, probs, kept = _saved.load(ctx)
-        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         shape, acc, device = ctx.probs_meta
         grad, probs = grad.to(acc), probs.to(acc)
         probs.div_(probs.sum(-1, keepdim=True).clamp_min_(torch.finfo(acc).tiny))  # fresh: dequantized
@@ -107,12 +110,12 @@ class _Attention(torch.autograd.Function):
         if kept is not None:  # the 0/1 mask; its 1 / (1 - p) scale goes on the smaller dO-sized tensors
             mask = mask_from(kept, ctx.mask_mode, shape, acc, device, ctx.dropout_p, scaled=False)
             grad = grad * (1.0 / (1 - ctx.dropout_p))
-        dq = dk = dv = None
+        dq = dk = dv = dmask = None
         if need_v:
             dropped = probs if mask is None else probs * mask
             dv = _sum_heads(dropped.transpose(-1, -2) @ grad, ctx.kv_heads).to(ctx.dtypes[2])
             del dropped
-        if need_q or need_k:
+        if need_q or need_k or need_mask:
             d_probs = grad @ _repeat_kv(v.to(acc), ctx.heads).transpose(-1, -2)
             if mask is not None:
                 d_probs.mul_(mask)
@@ -123,7 +126,17 @@ class _Attention(torch.autograd.Function):
             if need_k:
                 dk = _sum_heads((d_scores.transpose(-1, -2) @ q.to(acc)) * ctx.scale, ctx.kv_heads)
                 dk = dk.to(ctx.dtypes[1])
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+            if need_mask:  # an additive bias that trains (T5's, Swin's): its gradient is the scores'
+                shape, dtype = ctx.mask_shape
+                dmask = _sum_to(d_scores, shape).to(dtype)
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+
+
+def _sum_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """``t`` summed over the dimensions a tensor of ``shape`` was broadcast along to reach it."""
+    lead = t.dim() - len(shape)
+    dims = list(range(lead)) + [lead + i for i, s in enumerate(shape) if s == 1 and t.shape[lead + i] != 1]
+    return (t.sum(dims, keepdim=True) if dims else t).reshape(shape)
 
 
 def _sum_heads(t, kv_heads):
@@ -138,11 +151,11 @@ def attention_quantized(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
                         qk_fmt=None, v_fmt=None, p_fmt=None, mask_mode="replay"):
     """``scaled_dot_product_attention`` keeping quantized Q, K, V and softmax output for backward;
     a dropout mask is kept as bits or replayed (``mask_mode``, see ``ops.dropout``)."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (q, k, v)):
+    if not torch.is_grad_enabled():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise NotImplementedError("attention_quantized: a trainable attention mask is not supported; "
-                                  "turn attention quantization off (SlimFitConfig(attn_*_format=None))")
+    if not any(t.requires_grad for t in (q, k, v)) and not (attn_mask is not None and attn_mask.requires_grad):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     return _Attention.apply(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt,
                             mask_mode)
