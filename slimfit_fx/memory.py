@@ -356,17 +356,16 @@ def _attention_backward(q: int, k: int, v: int, probs: int, dropout: bool, need_
     dK, dV are the size of Q); probs: bytes of the softmax output at full precision."""
     live = q  # incoming gradient
     live += (q if need_k else 0) + (k if need_q else 0) + (v if (need_q or need_k) else 0) + probs  # dequantized
-    best = live
+    best = live + probs  # the row sums' quotient, made in place
     if dropout:
-        best = max(best, live + 2 * probs)  # ones() and the replayed mask
-        live += probs
+        best = max(best, live + probs + probs // 4)  # the mask's bytes, then as floats
+        live += probs + q  # the 0/1 mask, dO scaled
     if need_v:
-        live += (probs if dropout else 0) + v  # dropped probabilities, dV
-        best = max(best, live)
+        best = max(best, live + (probs if dropout else 0) + v)  # dropped probabilities, dV
+        live += v
     if need_q or need_k:
-        live += probs * (2 if dropout else 1)  # dP_dropped (and dP)
-        best = max(best, live + 3 * probs)  # (dP * P), (dP - rowsum), dS being made
-        live += probs  # dS
+        best = max(best, live + 2 * probs)  # dP (the mask applied in place), then dS made from it
+        live += probs  # dS; dP is freed
         if need_q:
             best = max(best, live + 2 * q)  # dS @ K, then * scale
             live += q
