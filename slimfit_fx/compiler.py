@@ -97,14 +97,18 @@ class SlimFitModule(nn.Module):
     It holds the user's own submodules, parameters and buffers (the same dicts), so
     ``state_dict()`` keys and parameter objects are the original model's and
     nothing is copied.  ``train()`` runs the SlimFit graph; ``eval()`` runs the
-    original model's forward, untouched.  ``plan`` is the MemoryPlan of the
-    captured graph under the config (predicted before anything ran).
+    original model's forward, untouched.  Any other attribute is the original
+    model's (``config``, ``generate``, ``save_pretrained``, ``device``, ``dtype``...);
+    the SlimFitConfig is ``slimfit_config``.  ``plan`` is the MemoryPlan of the
+    captured graph under the config (predicted before anything ran).  Pickling,
+    ``torch.save`` and ``copy.deepcopy`` keep the model, config and plan and leave the
+    captured graphs out: the next training call captures them again.
     """
 
     def __init__(self, model: nn.Module, config: SlimFitConfig, example_inputs: Any = None):
         super().__init__()
         object.__setattr__(self, "original", model)
-        object.__setattr__(self, "config", config)
+        object.__setattr__(self, "slimfit_config", config)
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "plan", None)
         object.__setattr__(self, "plan_signature", None)  # shapes the plan was predicted for
@@ -118,6 +122,22 @@ class SlimFitModule(nn.Module):
             inputs = normalize_inputs(example_inputs)
             self._capture(inputs.args, inputs.kwargs)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # the shared parameters, buffers and submodules
+        except AttributeError:
+            original = self.__dict__.get("original")
+            if original is None:
+                raise
+            return getattr(original, name)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        # Exported graphs hold closures that do not pickle; they are captured again on the next call.
+        state["_graphs"] = {}
+        state["_parameter_ids"] = None
+        return state
+
     def _capture(self, args: tuple, kwargs: dict) -> fx.GraphModule:
         model = self.original
         was_training = model.training
@@ -126,9 +146,9 @@ class SlimFitModule(nn.Module):
             gm = trace(model, _as_inputs(args, kwargs), dynamic=True)
         finally:
             model.train(was_training)
-        plan = plan_for_graph(gm, self.config, model)
+        plan = plan_for_graph(gm, self.slimfit_config, model)
         for rewrite in _passes():
-            gm = rewrite(gm, self.config)
+            gm = rewrite(gm, self.slimfit_config)
         self._graphs[_structure(args, kwargs)] = gm
         if self.plan is None:
             object.__setattr__(self, "plan", plan)

@@ -412,7 +412,7 @@ class Scheduler:
         from .compiler import analyze
 
         model = self._slim.original if self.compiled else self.model
-        config = self._slim.config if self.compiled else None
+        config = self._slim.slimfit_config if self.compiled else None
         was_training = model.training
         model.train()
         try:

@@ -446,6 +446,16 @@ class CompiledSlimFitModule(SlimFitModule):
             object.__setattr__(self, "plan", plan_for_graph(gm, config, model))
             object.__setattr__(self, "plan_signature", shape_signature(inputs.args, inputs.kwargs))
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in ("backend", "_compiled"):  # torch.compile's wrapper does not pickle: made again
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._reset_compiled()
+
     def _reset_compiled(self) -> None:
         # The backend lives in dynamo's cache as long as the model's code does: it must not keep
         # this module (and through it the model) alive.
@@ -456,7 +466,7 @@ class CompiledSlimFitModule(SlimFitModule):
             if module is not None:
                 module._on_compile(compiled)
 
-        backend = SlimFitBackend(self.config, on_compile=on_compile)
+        backend = SlimFitBackend(self.slimfit_config, on_compile=on_compile)
         object.__setattr__(self, "backend", backend)
         object.__setattr__(self, "_compiled", torch.compile(
             self.original, backend=backend, options={"guard_filter_fn": guard_filter}, **_compile_kwargs()))
