@@ -96,6 +96,7 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimfit-fx", description="Training-memory reports for SlimFit fine-tuning.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     report = sub.add_parser("report", help="predict (and optionally measure) the memory of a training step",
                             description="Memory of one fp32 training step on CPU: plain PyTorch, PyTorch with "
@@ -108,6 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_report_options(demo)
     demo.set_defaults(measure=True, subparser=demo)
     return parser
+
+
+def _version() -> str:
+    import transformers
+
+    from . import __version__
+
+    return f"slimfit-fx {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
 def main(argv: list[str] | None = None) -> int:

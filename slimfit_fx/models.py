@@ -25,12 +25,15 @@ accepted: the config is read with ``AutoConfig.from_pretrained`` and the model
 built *from the config* (random weights; the checkpoint's weights are not
 loaded, since they change no byte of the memory figures).  Its head follows
 ``config.architectures``: a causal LM head when it names one (``...ForCausalLM``,
-``...LMHeadModel``), an image classifier for vision configs, a sequence
-classifier otherwise.
+``...LMHeadModel``), a seq2seq LM for encoder-decoder configs (T5, BART), an image
+classifier for vision configs, a sequence classifier otherwise; without
+``architectures``, a decoder-only model type gets a causal LM head.  The head
+picked, and why, is printed to stderr.
 """
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -50,7 +53,8 @@ class ModelError(ValueError):
 
 
 # Tasks: which head the model has and so which inputs and labels it takes.
-SEQ_CLS, IMAGE_CLS, CAUSAL_LM = "sequence-classification", "image-classification", "causal-lm"
+SEQ_CLS, IMAGE_CLS, CAUSAL_LM, SEQ2SEQ = ("sequence-classification", "image-classification", "causal-lm",
+                                          "seq2seq-lm")
 
 
 @dataclass(frozen=True)
@@ -147,10 +151,12 @@ def _directory_config(path: str):
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read a HuggingFace config from {path!r}: {exc}") from exc
-    task = _task_from_architectures(config)
+    task, why = _task_of(config)
     auto = {SEQ_CLS: transformers.AutoModelForSequenceClassification,
             IMAGE_CLS: transformers.AutoModelForImageClassification,
-            CAUSAL_LM: transformers.AutoModelForCausalLM}[task]
+            CAUSAL_LM: transformers.AutoModelForCausalLM,
+            SEQ2SEQ: transformers.AutoModelForSeq2SeqLM}[task]
+    print(f"slimfit-fx: {path}: {config.model_type} with a {task} head ({why})", file=sys.stderr)
     if hasattr(config, "use_cache"):
         config.use_cache = False  # training keeps no KV cache
 
@@ -163,13 +169,25 @@ def _directory_config(path: str):
     return config, make_model, task
 
 
-def _task_from_architectures(config) -> str:
+def _task_of(config) -> tuple[str, str]:
+    """The head to build for a config, and why: its ``architectures`` when it names them, else its kind
+    (encoder-decoder, vision, a decoder-only model type, an encoder)."""
+    from transformers.models.auto import modeling_auto as auto
+
     archs = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return CAUSAL_LM
+        return CAUSAL_LM, f"architectures {archs}"
+    if getattr(config, "is_encoder_decoder", False) and (not archs or any(
+            a.endswith(("ForConditionalGeneration", "Seq2SeqLM")) for a in archs)):
+        return SEQ2SEQ, f"architectures {archs}" if archs else "an encoder-decoder config"
     if hasattr(config, "patch_size") and hasattr(config, "image_size"):
-        return IMAGE_CLS
-    return SEQ_CLS
+        return IMAGE_CLS, f"architectures {archs}" if archs else "a vision config"
+    if archs:
+        return SEQ_CLS, f"architectures {archs}"
+    kind = config.model_type
+    if kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return CAUSAL_LM, "no architectures in the config; a decoder-only model type"
+    return SEQ_CLS, "no architectures in the config; an encoder model type"
 
 
 def _set_image_size(config, image_size: int | None) -> None:
@@ -207,7 +225,7 @@ def _text_inputs(config, task: str, batch: int, seq: int, gen: torch.Generator) 
         attention_mask[0, -pad:] = 0
         if config.pad_token_id is not None:
             input_ids[0, -pad:] = config.pad_token_id
-    if task == CAUSAL_LM:
+    if task in (CAUSAL_LM, SEQ2SEQ):
         labels = input_ids.masked_fill(attention_mask == 0, -100)  # no loss on padding
     else:
         labels = torch.randint(config.num_labels, (batch,), generator=gen)

@@ -195,3 +195,26 @@ def test_model_directory_is_built_from_its_config(capsys, tmp_path):
     assert "GPT2LMHeadModel" in report_json(capsys, "--model", str(tmp_path / "gpt"), *SMALL)["title"]
     vit = report_json(capsys, "--model", str(tmp_path / "vit"), "--batch", "2")
     assert "ViTForImageClassification" in vit["title"] and vit["settings"]["image size"] == 32
+
+
+def test_model_directory_heads_for_encoder_decoders_and_configs_without_architectures(capsys, tmp_path):
+    from transformers import LlamaConfig, T5Config
+
+    from slimfit_fx.models import build
+
+    T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2, vocab_size=100, decoder_start_token_id=0,
+             architectures=["T5ForConditionalGeneration"]).save_pretrained(tmp_path / "t5")
+    LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                vocab_size=100).save_pretrained(tmp_path / "llama")  # no architectures
+    t5, inputs = build(str(tmp_path / "t5"), batch=2, seq=8)
+    assert type(t5).__name__ == "T5ForConditionalGeneration" and t5(**inputs).loss is not None
+    llama, _ = build(str(tmp_path / "llama"), batch=2, seq=8)
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    err = capsys.readouterr().err
+    assert "t5 with a seq2seq-lm head" in err and "no architectures in the config; a decoder-only" in err
+
+
+def test_version(capsys):
+    assert cli.main(["--version"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("slimfit-fx 0.") and "torch" in out
