@@ -168,3 +168,39 @@ def test_a_callback_added_late_to_a_bf16_trainer_is_refused(tmp_path):
     trainer.add_callback(SlimFitCallback(Ratio(0.5), compile=True))
     with pytest.raises(RuntimeError, match="callbacks=\\[SlimFitCallback"):
         trainer.train()
+
+
+def test_resume_from_a_checkpoint_anywhere_restores_the_scheduler(tmp_path):
+    import shutil
+
+    from transformers import Trainer
+
+    args = _args(tmp_path / "run", max_steps=6, save_strategy="steps", save_steps=3)
+    model = _model()
+    cb = SlimFitCallback(Ratio(0.8), compile=True)
+    Trainer(model=model, args=args, train_dataset=_dataset(), callbacks=[cb]).train()
+    full, weights = list(cb.scheduler.history), {k: v.clone() for k, v in model.state_dict().items()}
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(tmp_path / "run" / "checkpoint-3", moved)
+    shutil.rmtree(tmp_path / "run")  # nothing left where the output_dir would point
+
+    model2 = _model()
+    cb2 = SlimFitCallback(Ratio(0.8), compile=True)
+    args2 = _args(tmp_path / "run2", max_steps=6, save_strategy="no")
+    Trainer(model=model2, args=args2, train_dataset=_dataset(), callbacks=[cb2]).train(
+        resume_from_checkpoint=str(moved))
+    assert cb2.scheduler.history == full
+    for k, v in model2.state_dict().items():
+        torch.testing.assert_close(v, weights[k], msg=k)
+
+
+def test_resume_from_a_checkpoint_without_scheduler_state_warns(tmp_path):
+    from transformers import Trainer
+
+    args = _args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    Trainer(model=_model(), args=args, train_dataset=_dataset()).train()  # no callback
+    cb = SlimFitCallback(Ratio(0.8), compile=True)
+    args2 = _args(tmp_path, max_steps=4, save_strategy="no")
+    with pytest.warns(RuntimeWarning, match="holds no SlimFit scheduler state"):
+        Trainer(model=_model(), args=args2, train_dataset=_dataset(), callbacks=[cb]).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-3"))

@@ -8,7 +8,9 @@
 ``SlimFitCallback`` attaches a :class:`slimfit_fx.Scheduler` to the optimizer
 the Trainer creates (at ``on_train_begin``, after the optimizer exists) and
 adds ``slimfit/frozen_fraction`` and ``slimfit/predicted_activation_bytes``
-to every log.  It compiles nothing unless asked: with ``compile=True`` the
+to every log.  The scheduler's state is saved with the optimizer in every
+checkpoint, so ``trainer.train(resume_from_checkpoint=<any path>)`` restores it
+(resuming from a checkpoint without it warns).  It compiles nothing unless asked: with ``compile=True`` the
 Trainer's model is compiled *in place* (:func:`compile_in_place`), because the
 Trainer keeps using its own model object for signatures, ``config``, saving
 and evaluation; a separate wrapper module would break those.  The compile
@@ -25,6 +27,7 @@ runs the SlimFit graph in training mode and the original ``forward`` otherwise
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -90,6 +93,15 @@ def _refuse_late_mixed_precision(model: nn.Module, args) -> None:
             "slimfit_fx.integrations.compile_in_place(model) before building it")
 
 
+_GROUP_KEY = "slimfit_scheduler"
+
+
+def _stash(state_dict: dict, scheduler: Scheduler) -> dict:
+    if state_dict.get("param_groups"):
+        state_dict["param_groups"][0][_GROUP_KEY] = scheduler.state_dict()
+    return state_dict
+
+
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     # accelerate's AcceleratedOptimizer (and similar wrappers) hold the torch optimizer in .optimizer
     # (a subclass of torch.optim.Optimizer that never ran its __init__, so it has no step hooks).
@@ -111,8 +123,8 @@ class SlimFitCallback(TrainerCallback):
     of the plain model (PyTorch's own savings only).  Other keyword arguments
     go to :class:`slimfit_fx.Scheduler` (``exclude``, ``max_frozen_steps``,
     ``frozen_state``, ``seed``, ...).  The scheduler is ``callback.scheduler``
-    once training has begun; its state is saved with each checkpoint as
-    ``slimfit_scheduler.pt`` and restored when training resumes from one.
+    once training has begun; its state is saved with each checkpoint (in the
+    optimizer's state) and restored when training resumes from one, whatever its path.
     """
 
     state_file = "slimfit_scheduler.pt"
@@ -144,33 +156,36 @@ class SlimFitCallback(TrainerCallback):
         if self.compile:
             _refuse_late_mixed_precision(model, args)
             compile_in_place(model, config=self.config)
-        self.scheduler = Scheduler(model, _unwrap_optimizer(optimizer), self.policy, **self.scheduler_kwargs)
-        resume = self._checkpoint_state(args, state)
+        inner = _unwrap_optimizer(optimizer)
+        resume = inner.param_groups[0].pop(_GROUP_KEY, None) if inner.param_groups else None
+        self.scheduler = Scheduler(model, inner, self.policy, **self.scheduler_kwargs)
+        # The scheduler's state rides in every optimizer checkpoint (optimizer.pt), in the first param
+        # group, which torch restores as saved: a resume from any path brings it back.
+        scheduler = self.scheduler
+        self._handles = [inner.register_state_dict_post_hook(
+            lambda opt, sd: _stash(sd, scheduler) if scheduler is self.scheduler else sd)]
+        if resume is None:
+            resume = self._checkpoint_file(args, state)
         if resume is not None:
             self.scheduler.load_state_dict(resume)
+        elif state.global_step:
+            warnings.warn(
+                f"SlimFitCallback: training resumes at step {state.global_step} but the checkpoint holds no "
+                "SlimFit scheduler state (a checkpoint from a run without the callback?): the scheduler starts "
+                "over at iteration 0, so the frozen sets will differ from an uninterrupted run", RuntimeWarning,
+                stacklevel=2)
         return control
 
-    def _checkpoint_state(self, args, state) -> dict | None:
-        # Trainer restores model/optimizer from resume_from_checkpoint before on_train_begin, and
-        # global_step is then > 0; the matching scheduler state sits in that checkpoint folder.
+    def _checkpoint_file(self, args, state) -> dict | None:
+        # Checkpoints written before the state rode in optimizer.pt: a file in the output_dir's checkpoint.
         import os
 
         if not state.global_step:
             return None
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        path = os.path.join(folder, self.state_file)
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", self.state_file)
         if os.path.exists(path):
             return torch.load(path, weights_only=False)
         return None
-
-    def on_save(self, args, state, control, **kwargs):
-        import os
-
-        if self.scheduler is not None and state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.scheduler.state_dict(), os.path.join(folder, self.state_file))
-        return control
 
     def metrics(self) -> dict[str, float]:
         """What the callback adds to each log."""
