@@ -34,6 +34,7 @@ and an entry in ``staleness_overruns``.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import warnings
 from collections import OrderedDict
@@ -49,6 +50,9 @@ from .precision import autocast_enabled
 from .trace import shape_signature as _shape_signature
 
 __all__ = ["Ratio", "Budget", "Scheduler", "SchedulerError"]
+
+
+logger = logging.getLogger("slimfit_fx")
 
 
 class SchedulerError(ValueError):
@@ -158,6 +162,26 @@ class _BudgetPricing:
         return self.plan.predict(frozen=set(frozen) | self.fixed_frozen, optimizer=optimizer).total
 
 
+def _newly_initialised(names: list[str], params: list) -> list[str]:
+    """The layers a pretrained HuggingFace model initialised itself when it loaded (a new head): the
+    ones without ``_is_hf_initialized``, when the others have it.  All or none flagged (a model built
+    from its config, or adapters added after loading) says nothing about what is new: none then."""
+    flags = [bool(getattr(p, "_is_hf_initialized", False)) for p in params]
+    if all(flags) or not any(flags):
+        return []
+    return [n for n, flag in zip(names, flags) if not flag]
+
+
+def _auto_bound(t: int, k: int | None) -> int:
+    """The default staleness bound: four sweeps (a sweep is the ``ceil(t / (t - k))`` iterations a
+    Ratio schedule needs to train every layer once), at least 8 and at most 100 iterations; 100 under
+    a Budget.  The relative-change metric ranks a freshly initialised tensor (a LoRA ``B`` leaving zero)
+    far above a pretrained one whatever either learns; the bound keeps the others training."""
+    if k is None or t - k <= 0:
+        return 100
+    return min(100, max(8, 4 * math.ceil(t / (t - k))))
+
+
 class Scheduler:
     """Freeze and unfreeze weight tensors every iteration by their training dynamics.
 
@@ -172,14 +196,20 @@ class Scheduler:
     ``include`` is given, restricted to names matching it.  Biases always train.
 
     ``max_frozen_steps``: no layer stays frozen for more than this many
-    consecutive iterations (None turns the bound off).  ``frozen_state``:
+    consecutive iterations (None turns the bound off; ``"auto"``, the default: four sweeps of the
+    schedule, between 8 and 100 iterations, 100 under a Budget).  A layer trained with a gradient
+    that is zero everywhere (a LoRA ``A`` beside a zero-initialised ``B``) is scored as unmeasured,
+    so it trains again soon, rather than as unchanged.  ``frozen_state``:
     ``"keep"`` (optimizer state stays where it is), ``"offload"`` (frozen layers'
     state moves to host memory, exact) or ``"compress"`` (8-bit blockwise while
     frozen, lossy).  ``eps``: added to ``|W|`` in the metric.  ``seed``: the
     random initial scores (the first iterations sweep all layers in random
     order).  ``record``: keep the frozen set of every iteration in ``history``.
     ``nonfinite``: ``"warn"`` (keep the layer's last score) or ``"raise"`` when a
-    layer's change is not finite (its weights became inf/NaN).
+    layer's change is not finite (its weights became inf/NaN).  ``keep_new``: layers a
+    pretrained HuggingFace model initialised itself when loading (a new classification
+    head, which nothing pretrained is in) always train, and are named in the log and in
+    ``new_layers``; ``keep_new=False`` schedules them like any layer.
 
     Under ``torch.distributed`` rank 0 makes every decision and broadcasts it with
     its scores, so every rank freezes the same layers whatever its local seed or
@@ -194,12 +224,13 @@ class Scheduler:
         *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
-        max_frozen_steps: int | None = 100,
+        max_frozen_steps: int | str | None = "auto",
         frozen_state: str = "keep",
         eps: float = 1e-8,
         seed: int = 0,
         record: bool = True,
         nonfinite: str = "warn",
+        keep_new: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Scheduler needs the nn.Module being trained, got {type(model).__name__}")
@@ -210,9 +241,9 @@ class Scheduler:
             raise TypeError(f"Scheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(policy, (Ratio, Budget)):
             raise ConfigError(f"policy must be slimfit_fx.Ratio(r) or slimfit_fx.Budget(bytes), got {policy!r}")
-        if max_frozen_steps is not None and (isinstance(max_frozen_steps, bool)
-                                             or not isinstance(max_frozen_steps, int) or max_frozen_steps < 1):
-            raise ConfigError(f"max_frozen_steps={max_frozen_steps!r}: give a positive int, or None for no bound")
+        if max_frozen_steps not in (None, "auto") and (isinstance(max_frozen_steps, bool)
+                                                       or not isinstance(max_frozen_steps, int) or max_frozen_steps < 1):
+            raise ConfigError(f"max_frozen_steps={max_frozen_steps!r}: give a positive int, 'auto', or None for no bound")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
             raise ConfigError(f"eps={eps!r}: give a small positive float such as 1e-8")
         if nonfinite not in ("warn", "raise"):
@@ -227,6 +258,7 @@ class Scheduler:
         self.nonfinite = nonfinite
         self.record = record
         self.seed = seed
+        self.keep_new = keep_new
 
         from .compiler import SlimFitModule  # late: compiler imports the passes and ops
 
@@ -242,6 +274,8 @@ class Scheduler:
                                  "optimizer with requires_grad=True (check include/exclude)")
         t = len(self.layers)
         self.k = math.floor(float(policy.ratio) * t) if isinstance(policy, Ratio) else None
+        if max_frozen_steps == "auto":
+            max_frozen_steps = self.max_frozen_steps = _auto_bound(t, self.k)
         if isinstance(policy, Ratio) and max_frozen_steps is not None:
             slots = t - self.k
             if slots == 0 or (max_frozen_steps + 1) * slots < t:
@@ -259,15 +293,17 @@ class Scheduler:
             self._state_store = FrozenStateStore(optimizer, mode=frozen_state)
         self.frozen_state = frozen_state
 
-        gen = torch.Generator().manual_seed(seed)
+        self._gen = torch.Generator().manual_seed(seed)
         # Large random initial scores: untrained layers rank above any measured change,
         # so the first iterations sweep through every layer in random order.
-        self.scores = 1e6 * (1.0 + torch.rand(t, generator=gen, dtype=torch.float64))
+        self.scores = 1e6 * (1.0 + torch.rand(t, generator=self._gen, dtype=torch.float64))
         self.measured = torch.zeros(t, dtype=torch.bool)
         self.frozen_for = torch.zeros(t, dtype=torch.long)  # consecutive iterations frozen
         self.iteration = 0
         self.history: list[tuple[int, tuple[str, ...]]] = []
         self.nonfinite_events: list[tuple[int, str]] = []
+        self.unmeasured_events: list[tuple[int, str]] = []  # trained with a zero gradient: scored as unmeasured
+        self._zero_grad: set[int] = set()
         self.staleness_overruns: list[tuple[int, tuple[str, ...]]] = []  # Budget: stale layers that had to wait
         self._snapshots: dict[int, torch.Tensor] = {}
         self._frozen: set[int] = set()
@@ -312,7 +348,13 @@ class Scheduler:
                 continue
             names.append(name)
             params.append(p)
-        return names, params
+        self.new_layers = _newly_initialised(names, params) if self.keep_new else []
+        if self.new_layers:
+            logger.info("slimfit_fx.Scheduler: %s were initialised by the model, not loaded from its checkpoint "
+                        "(a new head): they always train (Scheduler(keep_new=False) schedules them too)",
+                        ", ".join(self.new_layers))
+        keep = [i for i, n in enumerate(names) if n not in set(self.new_layers)]
+        return [names[i] for i in keep], [params[i] for i in keep]
 
     # ----------------------------------------------------------------- policy
     def _stale(self) -> list[int]:
@@ -458,6 +500,20 @@ class Scheduler:
         for i, p in enumerate(self.params):
             if i not in self._frozen and p.grad is not None:
                 self._snapshots[i] = p.detach().clone()
+        self._zero_grad = self._without_gradient(sorted(self._snapshots))
+
+    def _without_gradient(self, trained: list[int]) -> set[int]:
+        """The trained layers whose gradient is zero everywhere this step (one host sync for all): a
+        LoRA ``A`` next to a zero-initialised ``B``.  What their weights do then (weight decay) says
+        nothing of how they learn, so they are scored as unmeasured, not as unchanged."""
+        if not trained:
+            return set()
+        peaks = []
+        for i in trained:
+            g = self.params[i].grad.detach().abs().amax()
+            peaks.append(g.full_tensor() if hasattr(g, "full_tensor") else g)
+        flags = (torch.stack([p.to(torch.float64).cpu() for p in peaks]) == 0).tolist()
+        return {i for i, zero in zip(trained, flags) if zero}
 
     @torch.no_grad()
     def _post_step(self, optimizer, args, kwargs):
@@ -475,6 +531,9 @@ class Scheduler:
         self._snapshots = {}
         for i in updated:
             d = float(changes[i])
+            if i in self._zero_grad:
+                self._unmeasure(i)
+                continue
             if not math.isfinite(d):
                 self._on_nonfinite(i, d)
                 continue
@@ -482,6 +541,12 @@ class Scheduler:
             self.measured[i] = True
         self.iteration += 1
         self._apply(self._decide())
+
+    def _unmeasure(self, i: int) -> None:
+        """Back to an initial-size score: trained again soon, measured then."""
+        self.scores[i] = 1e6 * (1.0 + torch.rand((), generator=self._gen, dtype=torch.float64))
+        self.measured[i] = False
+        self.unmeasured_events.append((self.iteration, self.layers[i]))
 
     def _on_nonfinite(self, i: int, d: float) -> None:
         name = self.layers[i]
@@ -574,8 +639,10 @@ class Scheduler:
                 if self.compiled else
                 "plain nn.Module: freezing saves only what PyTorch saves by itself (Linear inputs and weight "
                 "gradients); use slimfit_fx.compile(model) for the rest")
+        new = f"; always trained, new in the model: {', '.join(self.new_layers)}" if self.new_layers else ""
         return (f"Scheduler({self.policy}, {len(self._frozen)}/{len(self.layers)} layers frozen at iteration "
-                f"{self.iteration}, frozen_state={self.frozen_state}); {mode}")
+                f"{self.iteration}, max_frozen_steps={self.max_frozen_steps}, frozen_state={self.frozen_state}); "
+                f"{mode}{new}")
 
     def __repr__(self) -> str:
         return self.summary()
@@ -592,6 +659,8 @@ class Scheduler:
             "frozen": sorted(self._frozen),
             "history": list(self.history),
             "nonfinite_events": list(self.nonfinite_events),
+            "unmeasured_events": list(self.unmeasured_events),
+            "generator": self._gen.get_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -604,6 +673,9 @@ class Scheduler:
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.nonfinite_events = list(state["nonfinite_events"])
+        self.unmeasured_events = list(state.get("unmeasured_events", []))
+        if "generator" in state:
+            self._gen.set_state(state["generator"])
         frozen = set(state["frozen"])
         self._apply(frozen, record=False)
         self.frozen_for = state["frozen_for"].clone()

@@ -414,3 +414,35 @@ def test_budget_too_tight_for_all_stale_layers_at_once_records_the_overrun():
     assert sched.staleness_overruns and all(late for _, late in sched.staleness_overruns)
     # Most stale first: every layer still gets its turn.
     assert all(any(n not in frozen for _, frozen in sched.history) for n in layers)
+
+
+def test_a_new_head_of_a_pretrained_model_always_trains(caplog):
+    import logging
+
+    from slimfit_fx import tasks
+
+    model = tasks.load_minilm_classifier(seed=0)  # pretrained, with a new classification head
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    with caplog.at_level(logging.INFO, logger="slimfit_fx"):
+        sched = Scheduler(model, opt, Ratio(0.9))
+    assert sched.new_layers == ["classifier.weight"] and "classifier.weight" not in sched.layers
+    assert "classifier.weight" in caplog.text and "always train" in caplog.text
+    assert "new in the model: classifier.weight" in sched.summary()
+    assert model.classifier.weight.requires_grad
+    sched.remove()
+    everything = Scheduler(model, opt, Ratio(0.9), keep_new=False)
+    assert "classifier.weight" in everything.layers and everything.new_layers == []
+    everything.remove()
+    # A model built from its config has nothing pretrained: nothing is new.
+    bert, _ = make_bert()
+    plain = Scheduler(bert, torch.optim.AdamW(bert.parameters()), Ratio(0.9))
+    assert plain.new_layers == [] and "classifier.weight" in plain.layers
+
+
+def test_the_default_staleness_bound_is_four_sweeps():
+    from slimfit_fx.scheduler import _auto_bound
+
+    assert _auto_bound(102, 91) == 40  # BERT-base at Ratio(0.9): a sweep is 10 iterations
+    assert _auto_bound(8, 4) == 8  # a minimum of 8
+    assert _auto_bound(1000, 999) == 100  # a maximum of 100
+    assert _auto_bound(102, None) == 100  # Budget
