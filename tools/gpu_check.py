@@ -1,7 +1,7 @@
 """The GPU acceptance run in one command: kernels against the reference, then the GPU table.
 
-    python tools/gpu_check.py                 # on a CUDA machine: under 10 minutes on an H200
-    python tools/gpu_check.py --device cpu    # the same checks on the CPU (slow; for when no GPU is lent)
+    python tools/gpu_check.py                         # on a CUDA machine: under 10 minutes on an H200
+    python tools/gpu_check.py --device cpu --quick    # the same run on the CPU at small sizes, when no GPU is lent
 
 1. Kernels: every Triton kernel of ``slimfit_fx.kernels`` on CUDA tensors against the torch reference
    on the same tensors (codes may differ by one where the GPU fuses a multiply-add; values must agree
@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 WORKLOADS = [("bert-base", 32, 128), ("gpt2", 8, 512)]
+QUICK = [("bert-base", 4, 64), ("gpt2", 1, 128)]  # --quick: the CPU runs bf16 matmuls slowly
 PRECISIONS = [("fp32", 0.85), ("bf16-autocast", 0.90)]
 SETTINGS = "pytorch,pytorch+freeze,slimfit-off,slimfit"
 
@@ -113,19 +114,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10 on CUDA, 3 on the CPU)")
+    ap.add_argument("--quick", action="store_true", help=f"small batches: {QUICK} (a CPU run of the script)")
     ap.add_argument("--out", default=None, help="default results/gpu_check_<device>")
     args = ap.parse_args(argv)
     repeats = args.repeats or (10 if args.device == "cuda" else 3)
     out = Path(args.out or f"results/gpu_check_{args.device}")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = {"device": args.device, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    report = {"device": args.device, "quick": args.quick, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "torch": torch.__version__, "runs": [], "failures": []}
     if args.device == "cuda":
         log("kernels against the reference")
         report["kernel_failures"] = check_kernels("cuda")
         report["failures"] += report["kernel_failures"]
-    for model, batch, seq in WORKLOADS:
+    for model, batch, seq in (QUICK if args.quick else WORKLOADS):
         for precision, limit in PRECISIONS:
             result = run_bench(model, batch, seq, precision, args.device, repeats,
                                out.parent / f"{out.name}_{model}_{precision}")
