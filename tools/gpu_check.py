@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     out = Path(args.out or f"results/gpu_check_{args.device}")
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = {"device": args.device, "quick": args.quick, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+    report = {"device": args.device, "quick": args.quick,
+              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "torch": torch.__version__, "runs": [], "failures": []}
     if args.device == "cuda":
         log("kernels against the reference")
