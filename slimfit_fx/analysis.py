@@ -770,6 +770,14 @@ OP_TABLE: dict[str, Rule] = {
     "aten.round": _no_save,
     "aten.trunc": _no_save,
     "aten.sign": _no_save,
+    "aten.topk": lambda node, ctx: [Save("out", 1, (0,), "indices")],  # the indices scatter the gradient
+    # transformers' MoE expert matmul (Mixtral, Qwen-MoE): its autograd keeps input and weights (save_for_backward)
+    # and holds the offsets on ctx, out of the saved-tensor hooks' sight.
+    "transformers.grouped_mm_fallback": _save_args((0, ()), (1, ()), role="linear_input"),
+    "aten.div_": _binary_div,  # in place: the quotient's storage is the dividend's
+    "aten.mul_": _binary_mul,
+    "aten.add_": _no_save,
+    "aten.sub_": _no_save,
     "aten.mul": _binary_mul,
     "aten.div": _binary_div,
     "aten.gather": _save_args((0, (0,)), (2, (0,)), role="indices"),
@@ -928,7 +936,10 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         canonical[fqn] = first_name.setdefault(id(p), fqn)
     for fqn, p in gm.named_parameters(remove_duplicate=False):
         canonical.setdefault(fqn, first_name.setdefault(id(p), fqn))
-    params = {fqn: p for fqn, p in gm.named_parameters(remove_duplicate=False) if canonical[fqn] == fqn}
+    # Keyed by the model's own names: a graph of a submodule (a backbone) speaks the whole model's.
+    params: dict[str, torch.nn.Parameter] = {}
+    for fqn, p in gm.named_parameters(remove_duplicate=False):
+        params.setdefault(canonical[fqn], p)
     all_params = dict(gm.named_parameters(remove_duplicate=False))
     node_kind: dict[str, str] = {}
     node_inputs: dict[str, tuple[str, ...]] = {}

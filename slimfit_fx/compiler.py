@@ -6,6 +6,10 @@ drop-in module that runs the rewritten graph in training mode.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -15,9 +19,9 @@ from .analysis import analyze_graph
 from .config import SlimFitConfig
 from .memory import MemoryPlan
 from .precision import autocast_disabled, autocast_state
-from .trace import _share_with_model, normalize_inputs, shape_signature, trace
+from .trace import TraceError, _share_with_model, normalize_inputs, shape_signature, trace
 
-__all__ = ["analyze", "plan_for_graph", "compile", "SlimFitModule"]
+__all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "SlimFitModule"]
 
 
 def _passes():
@@ -138,28 +142,64 @@ class SlimFitModule(nn.Module):
         state["_parameter_ids"] = None
         return state
 
-    def _capture(self, args: tuple, kwargs: dict) -> fx.GraphModule:
+    def _capture(self, args: tuple, kwargs: dict, dynamic: bool = True) -> fx.GraphModule:
+        """A graph for calls like this one: with symbolic batch and sequence sizes (``dynamic``), or for
+        exactly these shapes (where the symbolic graph's guards exclude them)."""
         model = self.original
         was_training = model.training
         model.train()
         try:
-            gm = trace(model, _as_inputs(args, kwargs), dynamic=True)
+            gm = trace(model, _as_inputs(args, kwargs), dynamic=dynamic)
+        except TraceError as exc:
+            backbone = _backbone_for(model, exc)
+            if backbone is None:
+                raise
+            return self._capture_backbone(backbone, exc, args, kwargs)
         finally:
             model.train(was_training)
-        plan = plan_for_graph(gm, self.slimfit_config, model)
+        plan = plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
         for rewrite in _passes():
             gm = rewrite(gm, self.slimfit_config)
-        self._graphs[_structure(args, kwargs)] = gm
+        if dynamic:
+            self._graphs[_structure(args, kwargs)] = gm
+        else:
+            self._graphs[("shapes", shape_signature(args, kwargs))] = gm
         if self.plan is None:
             object.__setattr__(self, "plan", plan)
             object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
         return gm
+
+    def _capture_backbone(self, backbone: nn.Module, exc: TraceError, args: tuple, kwargs: dict) -> "_Backbone":
+        """The model's own Python branches on tensor values outside its backbone (DeBERTa-v2's loss):
+        the backbone trains through SlimFit, compiled in place, and the rest of the model runs eagerly
+        around it (not rewritten, and outside ``plan``)."""
+        prefix = next(n for n, m in self.original.named_modules() if m is backbone)
+        where = next((line.split("failing construct: ", 1)[1] for line in str(exc).splitlines()
+                      if "failing construct:" in line), "a data-dependent branch")
+        warnings.warn(f"slimfit_fx: {type(self.original).__name__} branches on tensor values outside its backbone "
+                      f"({where}); the backbone `{prefix}` trains through SlimFit and the rest of the model runs "
+                      "eagerly around it (not rewritten; plan covers the backbone)", RuntimeWarning, stacklevel=4)
+        inner = SlimFitModule(backbone, self.slimfit_config)
+        object.__setattr__(inner, "_names_from", self.original)  # the plan speaks the whole model's names
+        inner_args = _inputs_of(backbone, self.original, args, kwargs)
+        if inner_args is not None:
+            inner._capture(*inner_args)
+        marker = _Backbone(backbone, inner, autocast_state())
+        self._graphs[_structure(args, kwargs)] = marker
+        if self.plan is None and inner.plan is not None:
+            object.__setattr__(self, "plan", inner.plan)
+            object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
+        return marker
 
     def rewrite_notes(self) -> dict[str, int]:
         """What the passes did in the captured graphs, counted by kind (``"GELU input quantized": 12``,
         where attention stayed on a fused kernel, what was kept unquantized and why)."""
         counts: dict[str, int] = {}
         for gm in self._graphs.values():
+            if isinstance(gm, _Backbone):
+                for note, n in gm.inner.rewrite_notes().items():
+                    counts[note] = counts.get(note, 0) + n
+                continue
             for node in gm.graph.nodes:
                 for note in node.meta.get("slimfit", []):
                     counts[note] = counts.get(note, 0) + 1
@@ -168,14 +208,31 @@ class SlimFitModule(nn.Module):
     @property
     def graph_module(self) -> fx.GraphModule | None:
         """The rewritten training graph captured first (None before the first call)."""
-        return next(iter(self._graphs.values()), None)
+        gm = next(iter(self._graphs.values()), None)
+        return gm.inner.graph_module if isinstance(gm, _Backbone) else gm
 
     def forward(self, *args, **kwargs):
         if not self.training:
             return self.original(*args, **kwargs)
         self._check_parameters()
-        gm = self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
-        with autocast_disabled(gm.meta.get("autocast")):  # its casts are explicit nodes (precision.py)
+        exact = self._graphs.get(("shapes", shape_signature(args, kwargs))) if len(self._graphs) > 1 else None
+        gm = exact or self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
+        if isinstance(gm, _Backbone):
+            with gm.routed():  # the model's own forward, its backbone through the SlimFit graph
+                out = self.original(*args, **kwargs)
+            if self.plan is None and gm.inner.plan is not None:
+                object.__setattr__(self, "plan", gm.inner.plan)
+            return out
+        try:
+            with autocast_disabled(gm.meta.get("autocast")):  # its casts are explicit nodes (precision.py)
+                return gm(*args, **kwargs)
+        except AssertionError as exc:
+            # The symbolic graph's guards (checked before anything runs) exclude these shapes, e.g. a
+            # sequence shorter than a relative-position table needs: a graph for exactly them.
+            if exact is not None or not str(exc).startswith("Guard failed"):
+                raise
+        gm = self._capture(args, kwargs, dynamic=False)
+        with autocast_disabled(gm.meta.get("autocast")):
             return gm(*args, **kwargs)
 
     def _check_parameters(self) -> None:
@@ -186,7 +243,8 @@ class SlimFitModule(nn.Module):
             return
         _refuse_sharded(self)
         for gm in self._graphs.values():
-            _share_with_model(gm, self.original)
+            if isinstance(gm, fx.GraphModule):
+                _share_with_model(gm, self.original)
         object.__setattr__(self, "_parameter_ids", current)
 
     def _parameters_in_order(self):
@@ -202,11 +260,101 @@ class SlimFitModule(nn.Module):
         # Buffers are replaced (not updated in place) by .to()/.half(): point the graphs
         # at the new tensors.
         for gm in self._graphs.values():
-            _share_with_model(gm, self.original)
+            if isinstance(gm, fx.GraphModule):
+                _share_with_model(gm, self.original)
         return out
 
     def extra_repr(self) -> str:
         return f"SlimFit of {type(self.original).__name__}, {len(self._graphs)} captured graph(s)"
+
+
+class _Backbone:
+    """The graph-cache entry of a model whose backbone alone is captured (``_capture_backbone``):
+    ``routed()`` sends the backbone's calls to its SlimFitModule for the length of one forward, so the
+    user's model itself is never changed."""
+
+    def __init__(self, backbone: nn.Module, inner: "SlimFitModule", autocast):
+        self.backbone, self.inner = backbone, inner
+        self.meta = {"autocast": autocast}
+
+    @contextlib.contextmanager
+    def routed(self):
+        backbone, inner = self.backbone, self.inner
+
+        def forward(*args, **kwargs):
+            args, kwargs = _as_keywords(backbone, args, kwargs)
+            return inner(*args, **kwargs)
+
+        forward.__slimfit_router__ = True  # slimfit_fx.trace captures the class's forward, not this
+        previous = backbone.__dict__.get("forward")
+        object.__setattr__(backbone, "forward", forward)
+        try:
+            yield
+        finally:
+            if previous is None:
+                del backbone.__dict__["forward"]
+            else:
+                object.__setattr__(backbone, "forward", previous)
+
+
+def _backbone_for(model: nn.Module, exc: TraceError) -> nn.Module | None:
+    """The backbone to capture instead of ``model``, when ``model`` failed on a branch on tensor values
+    and is a HuggingFace model with a distinct backbone (``base_model``); else None."""
+    text = f"{exc} {exc.__cause__!r}"
+    if "data-dependent" not in text and "DataDependent" not in text:
+        return None
+    backbone = getattr(model, "base_model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model or isinstance(backbone, SlimFitModule):
+        return None
+    return backbone
+
+
+class _Stop(Exception):
+    pass
+
+
+def _as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``((), kwargs)``: a call's arguments by the forward's own names, Nones dropped (a backbone called
+    positionally by its head; export pairs dynamic shapes with names).  As given if they do not bind."""
+    forward = type(module).forward
+    try:
+        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+    except TypeError:
+        return tuple(args), dict(kwargs)
+    params = inspect.signature(forward).parameters
+    named = {}
+    for k, v in list(bound.items())[1:]:  # [0] is self
+        if params[k].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        elif params[k].kind is inspect.Parameter.VAR_POSITIONAL:
+            if v:
+                return tuple(args), dict(kwargs)
+        elif v is not None:
+            named[k] = v
+    return (), named
+
+
+def _inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The (args, kwargs) ``model(*args, **kwargs)`` calls ``submodule`` with: the call is cut short in a
+    forward pre-hook of the submodule, before anything of it runs (no compute, no RNG drawn)."""
+    seen: list = []
+
+    def hook(module, a, kw):
+        seen.append(_as_keywords(module, a, kw))
+        raise _Stop
+
+    handle = submodule.register_forward_pre_hook(hook, with_kwargs=True)
+    installed = submodule.__dict__.pop("forward", None)  # reach the module's own call, not compile_in_place's
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+        if installed is not None:
+            submodule.__dict__["forward"] = installed
+    return seen[0] if seen else None
 
 
 def _as_inputs(args: tuple, kwargs: dict):
@@ -260,3 +408,38 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     if mode != "eager":
         raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
     return SlimFitModule(model, config, example_inputs)
+
+
+def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
+    """Make ``model`` train through the SlimFit graph without replacing the object.
+
+    Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
+    Idempotent for one model; call :func:`uncompile` to undo.
+    """
+    if isinstance(model, SlimFitModule):
+        raise TypeError("compile_in_place needs the original model, not a SlimFitModule")
+    existing = getattr(model, "_slimfit_module", None)
+    if existing is not None:
+        return existing
+    original_forward = model.forward  # the class's forward, bound
+    slim = compile(model, example_inputs, config)
+
+    @functools.wraps(original_forward)  # keeps the signature the Trainer inspects
+    def forward(*args, **kwargs):
+        if not model.training or not torch.is_grad_enabled():
+            return original_forward(*args, **kwargs)
+        slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
+        args, kwargs = _as_keywords(model, args, kwargs)
+        return slim(*args, **kwargs)
+
+    # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
+    object.__setattr__(model, "_slimfit_module", slim)
+    object.__setattr__(model, "forward", forward)
+    return slim
+
+
+def uncompile(model: nn.Module) -> None:
+    """Undo :func:`compile_in_place`."""
+    if "_slimfit_module" in model.__dict__:
+        del model.__dict__["_slimfit_module"]
+        model.__dict__.pop("forward", None)

@@ -125,12 +125,14 @@ class _BudgetPricing:
     @classmethod
     def build(cls, plan, layers: list[str], fixed_frozen: set[str], optimizer: str) -> "_BudgetPricing":
         """``fixed_frozen``: parameters frozen by the user (never scheduled, never trained)."""
-        fixed_frozen = frozenset(n for n in fixed_frozen if n in plan.analysis.parameters)
-        all_frozen = set(layers) | fixed_frozen
+        known = plan.analysis.parameters
+        fixed_frozen = frozenset(n for n in fixed_frozen if n in known)
+        all_frozen = {n for n in layers if n in known} | fixed_frozen
         base = plan.predict(frozen=all_frozen, optimizer=optimizer).total
         alone = {}
-        for name in layers:
-            alone[name] = plan.predict(frozen=all_frozen - {name}, optimizer=optimizer).total - base
+        for name in layers:  # a layer outside the plan (a head run eagerly around a captured backbone): unpriced
+            alone[name] = plan.predict(frozen=all_frozen - {name}, optimizer=optimizer).total - base \
+                if name in known else 0
         a = plan.analysis
         shared: dict[str, list[tuple[int, frozenset]]] = {name: [] for name in layers}
         by_storage: dict[int, set[str]] = {}
@@ -159,7 +161,9 @@ class _BudgetPricing:
         return cost
 
     def total(self, frozen: set[str], optimizer: str) -> int:
-        return self.plan.predict(frozen=set(frozen) | self.fixed_frozen, optimizer=optimizer).total
+        known = self.plan.analysis.parameters
+        return self.plan.predict(frozen={n for n in frozen if n in known} | self.fixed_frozen,
+                                 optimizer=optimizer).total
 
 
 def _newly_initialised(names: list[str], params: list) -> list[str]:
@@ -621,7 +625,7 @@ class Scheduler:
         if self._last_signature is None:
             return None
         plan = self._budget_pricing().plan
-        return plan.predict(frozen=set(self.frozen) | (self._fixed_frozen & set(plan.parameter_names)),
+        return plan.predict(frozen=(set(self.frozen) | self._fixed_frozen) & set(plan.parameter_names),
                             optimizer=self._optimizer_kind)
 
     def price(self, example_inputs) -> None:

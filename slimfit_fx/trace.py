@@ -16,6 +16,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
+import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -198,11 +201,14 @@ def trace(
     example_inputs: Any,
     *,
     dynamic: bool = True,
+    verbose: bool = False,
 ) -> fx.GraphModule:
     """Capture ``model`` as an ATen training-IR GraphModule sharing the model's parameters.
 
     ``example_inputs``: dict of keyword arguments or tuple of positional ones.
     ``dynamic``: batch and sequence dims symbolic (one graph serves other shapes).
+    ``verbose``: show what torch prints while capturing even when the capture fails (a partial
+    graph, thousands of lines; also ``SLIMFIT_VERBOSE=1``).
     The graph is captured in the model's current mode (``model.training``): dropout
     is kept in train mode.  Under ``torch.autocast`` the casts autocast makes become
     explicit nodes and ``gm.meta["autocast"]`` records the state: run such a graph
@@ -216,11 +222,18 @@ def trace(
     autocast = autocast_state()
     target = _ExplicitKwargs.wrap_if_needed(model, inputs) if dynamic else model
     shapes = _dynamic_shapes(target, inputs) if dynamic else None
+    verbose = verbose or os.environ.get("SLIMFIT_VERBOSE", "") not in ("", "0")
+    torch_output = io.StringIO()
     try:
-        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs), _class_forward(model):
+        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs), _class_forward(model), \
+                contextlib.redirect_stdout(torch_output), contextlib.redirect_stderr(torch_output):
             ep = torch.export.export(target, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
     except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
+        # A failed export prints the partial graph (thousands of lines): shown only when asked for.
+        printed = torch_output.getvalue()
+        if verbose:
+            sys.stderr.write(printed)
         where = _user_frame(exc)
         lines = [
             f"could not capture {type(model).__name__} as a graph: {type(exc).__name__}: {_first_line(exc)}",
@@ -228,7 +241,11 @@ def trace(
         if where:
             lines.append(f"  failing construct: {where}")
         lines += [f"  try: {h}" for h in _hints(model, exc)]
+        if printed and not verbose:
+            lines.append(f"  (torch printed {len(printed.splitlines())} lines while capturing; trace(..., "
+                         "verbose=True) or SLIMFIT_VERBOSE=1 shows them)")
         raise TraceError("\n".join(lines)) from exc
+    sys.stderr.write(torch_output.getvalue())  # warnings of a capture that worked stay visible
 
     _share_with_model(gm, model)
     materialize_autocast(gm, autocast)
@@ -246,7 +263,10 @@ def trace(
 @contextlib.contextmanager
 def _class_forward(model: nn.Module):
     """Capture the model's own forward, not one that compile_in_place installed on the instance."""
-    installed = model.__dict__.get("forward") if "_slimfit_module" in model.__dict__ else None
+    installed = model.__dict__.get("forward")
+    if installed is not None and not ("_slimfit_module" in model.__dict__
+                                      or getattr(installed, "__slimfit_router__", False)):
+        installed = None  # a forward the user installed: captured as it is
     if installed is None:
         yield
         return

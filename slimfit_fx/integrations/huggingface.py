@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..compiler import SlimFitModule, compile as slimfit_compile
+from ..compiler import SlimFitModule, compile_in_place, uncompile
 from ..config import SlimFitConfig
 from ..scheduler import Budget, Ratio, Scheduler
 
@@ -43,40 +43,6 @@ try:
     from transformers import TrainerCallback
 except ImportError:  # transformers is a dependency, but keep the import error readable
     raise ImportError("slimfit_fx.integrations.huggingface needs transformers: pip install transformers") from None
-
-
-def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
-    """Make ``model`` train through the SlimFit graph without replacing the object.
-
-    Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
-    Idempotent for one model; call :func:`uncompile` to undo.
-    """
-    if isinstance(model, SlimFitModule):
-        raise TypeError("compile_in_place needs the original model, not a SlimFitModule")
-    existing = getattr(model, "_slimfit_module", None)
-    if existing is not None:
-        return existing
-    original_forward = model.forward  # the class's forward, bound
-    slim = slimfit_compile(model, example_inputs, config)
-
-    @functools.wraps(original_forward)  # keeps the signature the Trainer inspects
-    def forward(*args, **kwargs):
-        if not model.training or not torch.is_grad_enabled():
-            return original_forward(*args, **kwargs)
-        slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
-        return slim(*args, **kwargs)
-
-    # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
-    object.__setattr__(model, "_slimfit_module", slim)
-    object.__setattr__(model, "forward", forward)
-    return slim
-
-
-def uncompile(model: nn.Module) -> None:
-    """Undo :func:`compile_in_place`."""
-    if "_slimfit_module" in model.__dict__:
-        del model.__dict__["_slimfit_module"]
-        model.__dict__.pop("forward", None)
 
 
 def _refuse_late_mixed_precision(model: nn.Module, args) -> None:
