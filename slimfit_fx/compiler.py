@@ -206,6 +206,13 @@ class SlimFitModule(nn.Module):
         return counts
 
     @property
+    def backbone(self) -> "SlimFitModule | None":
+        """The SlimFitModule of the backbone, when only the backbone is captured (the model branches on
+        tensor values outside it, e.g. DeBERTa-v2's loss); None otherwise.  ``plan`` covers it alone."""
+        gm = next(iter(self._graphs.values()), None)
+        return gm.inner if isinstance(gm, _Backbone) else None
+
+    @property
     def graph_module(self) -> fx.GraphModule | None:
         """The rewritten training graph captured first (None before the first call)."""
         gm = next(iter(self._graphs.values()), None)

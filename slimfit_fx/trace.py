@@ -117,7 +117,11 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> tuple | dict:
             kw_specs.setdefault(var_kw, {})[k] = spec(v)
     if not inputs.args:
         return kw_specs
-    return (arg_specs, kw_specs)
+    # Positional and keyword arguments together: by name, as export binds them.
+    positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(inputs.args) > len(positional):
+        return (arg_specs, kw_specs)  # a *args forward: export's own error explains what it needs
+    return {**dict(zip(positional, arg_specs)), **kw_specs}
 
 
 class _ExplicitKwargs(nn.Module):

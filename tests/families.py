@@ -115,11 +115,6 @@ def make_qwen3():
     return _tf("Qwen3ForCausalLM")(cfg), _text("lm")
 
 
-def make_mixtral():
-    cfg = _tf("MixtralConfig")(**_DEC, num_local_experts=4, num_experts_per_tok=2)
-    return _tf("MixtralForCausalLM")(cfg), _text("lm")
-
-
 def make_deberta_v2():
     cfg = _tf("DebertaV2Config")(**_ENC, relative_attention=True, position_buckets=8, max_relative_positions=16,
                                  pos_att_type=["p2c", "c2p"], type_vocab_size=0)
@@ -183,7 +178,6 @@ FAMILIES = {
     "phi3": make_phi3,
     "gemma": make_gemma,
     "gemma2": make_gemma2,
-    "mixtral": make_mixtral,
     "vit": _vision("ViTConfig", "ViTForImageClassification"),
     "deit": _vision("DeiTConfig", "DeiTForImageClassification"),
     "dinov2": _vision("Dinov2Config", "Dinov2ForImageClassification", mlp_ratio=2),
