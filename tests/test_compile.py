@@ -199,3 +199,27 @@ def test_compiled_mode_on_a_torch_without_guard_filters_is_a_clear_error(monkeyp
     monkeypatch.setattr(slimfit_fx.compiler, "_torch_version", lambda: (2, 8))
     with pytest.raises(RuntimeError, match=r"needs torch>=2.9.*mode='eager'"):
         slimfit_fx.compile(model, inputs, mode="compiled")
+
+
+def test_a_drop_in_module_has_the_models_attributes_and_pickles():
+    import copy
+    import io
+
+    model, inputs = make_gpt2()
+    slim = slimfit_fx.compile(model.train(), inputs)
+    assert slim.config is model.config and isinstance(slim.slimfit_config, SlimFitConfig)
+    assert slim.device == model.device and slim.dtype == torch.float32
+    assert slim.save_pretrained.__self__ is model
+    torch.manual_seed(0)
+    want = slim(**inputs).loss.detach()
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    buf.seek(0)
+    for other in (torch.load(buf, weights_only=False), copy.deepcopy(slim)):
+        assert other.original is not model and other._modules is other.original._modules
+        assert other.plan is not None and not other._graphs  # captured again on the next call
+        torch.manual_seed(0)
+        torch.testing.assert_close(other(**inputs).loss.detach(), want, rtol=0, atol=0)
+    slim.eval()
+    with torch.no_grad():
+        assert slim.generate(inputs["input_ids"][:, :3], max_new_tokens=2, do_sample=False).shape == (4, 5)

@@ -93,3 +93,34 @@ def test_decoder_gets_use_cache_off():
     gm = slimfit_fx.trace(model, inputs)
     out = gm(**inputs)
     assert getattr(out, "past_key_values", None) is None
+
+
+def test_a_failed_capture_keeps_torchs_partial_graph_out_of_sight(capfd):
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            if (y > 0).nonzero().size(0) > 0:  # a branch on tensor values
+                return y.sum()
+            return y.mean()
+
+    with pytest.raises(slimfit_fx.TraceError, match="failing construct") as info:
+        slimfit_fx.trace(Branchy(), (torch.randn(2, 4),))
+    out, err = capfd.readouterr()
+    assert len((out + err).splitlines()) < 5
+    assert "lines while capturing" in str(info.value) and "SLIMFIT_VERBOSE" in str(info.value)
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix in (".py", ".md", ".toml", ".cfg", "")
+             and not any(part.startswith(".") or part in ("build", "results") or part.endswith(".egg-info")
+                         for part in p.relative_to(root).parts)]
+    offenders = [str(p.relative_to(root)) for p in files if "../shared" in p.read_text(errors="ignore")
+                 and p.name != "test_trace.py"]
+    assert not offenders, offenders
