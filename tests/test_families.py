@@ -3,7 +3,7 @@
 Per family: ``compile`` works (or names the construct and the workaround); ``off()`` equals eager
 exactly; ``SlimFitConfig()`` gives the same loss and a per-parameter gradient cosine >= 0.99
 (parameters carrying >= 1e-6 of the global gradient norm); predicted == measured saved bytes under
-three frozen patterns and at tiny and odd shapes after capture; the compiled module never keeps
+three frozen patterns and at a tiny shape after capture (odd ones: tests/test_compile.py); the compiled module never keeps
 more than eager; five Scheduler steps stay finite; deepcopy and torch.save/load work.
 
 Eager runs with ``use_cache`` off, as the compiled module does (training keeps no KV cache).
@@ -68,8 +68,8 @@ def _planned(slim, inputs, measured):
 
 def _shapes(inputs):
     """A tiny and an odd batch cut from the family's own (text: batch x sequence; images: batch)."""
-    if "input_ids" in inputs:
-        cut = [{k: v[:b, :n] if v.dim() > 1 else v[:b] for k, v in inputs.items()} for b, n in ((1, 1), (2, 5))]
+    if "input_ids" in inputs:  # a batch of one token: where symbolic graphs' guards and kernels turn
+        cut = [{k: v[:b, :n] if v.dim() > 1 else v[:b] for k, v in inputs.items()} for b, n in ((1, 1),)]
     else:
         cut = [{k: v[:b] for k, v in inputs.items()} for b in (1,)]
     return [{k: v.contiguous() for k, v in shape.items()} for shape in cut]
@@ -137,13 +137,13 @@ def test_family_conforms(name):
     sched.remove()
     _freeze(model, set())
 
-    # A drop-in: deepcopy and torch.save/load, graphs captured again on the next call.
-    twin = copy.deepcopy(slim)
+    # A drop-in: deepcopy and torch.save/load keep the model and plan (the graphs are captured again on
+    # the next call: tests/test_compile.py runs one).
     buf = io.BytesIO()
     torch.save(slim, buf)
     buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)
-    want = _loss(slim, inputs).detach()
-    for other in (twin, loaded):
-        assert other.original is not model and not other._graphs
-        torch.testing.assert_close(_loss(other, inputs).detach(), want, rtol=0, atol=0)
+    for other in (copy.deepcopy(slim), torch.load(buf, weights_only=False)):
+        assert other.original is not model and other._modules is other.original._modules and not other._graphs
+        assert other.plan is not None and type(other.original) is type(model)
+        for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+            assert torch.equal(a, b), (name, k)
