@@ -2,8 +2,17 @@
 (attention masks with padding, labels so the loss is inside the graph)."""
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Under `pytest -n N` the cores are shared among N workers (and the processes they spawn):
+    # oversubscribed OpenMP threads make a tiny-config step several times slower.
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported: without a GPU its kernels run on CPU tensors through

@@ -8,6 +8,10 @@ the seed), the same batches, the same dropout stream and the same number of step
            iteration the 90% of layers whose weights changed least are frozen
   budget   slimfit_fx.compile(model, example) + Scheduler(Budget(B)) with B the bytes
            of a Ratio(0.9)-sized frozen set (below)
+  lora         PEFT LoRA (r 8 on query and value, the head trained as PEFT's modules_to_save),
+               plain PyTorch
+  lora-ratio   the same LoRA model through slimfit_fx.compile + Scheduler(Ratio(0.9)) over its
+               trainable tensors (the LoRA A/B matrices and the head)
 
 The budget B: ``module.plan.predict(frozen=F).total`` (parameters + buffers +
 gradients and AdamW state of the trained layers + saved activations, for the
@@ -57,7 +61,7 @@ import slimfit_fx
 from slimfit_fx import tasks
 from slimfit_fx.measure import peak_bytes, saved_bytes
 
-SETTINGS = ("full", "ratio", "budget")
+SETTINGS = ("full", "ratio", "budget", "lora", "lora-ratio")
 # The new classification head is the only layer with nothing pretrained in it; left to the ILS it
 # trains in about 10% of the iterations (its relative weight change ranks low), which cost the tiny
 # ViT 18 points and MiniLM spread across seeds.  It is 0.003% of MiniLM's weights: keep it trainable.
@@ -83,6 +87,15 @@ class Task:
 def vader_task(seed: int, seq: int = 16) -> Task:
     return Task(name="minilm-vader", data=tasks.vader_sentiment(seq_len=seq, seed=seed),
                 make_model=lambda s: tasks.load_minilm_classifier(seed=s))
+
+
+def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """PEFT LoRA on a sequence classifier: r 8 on the attention query and value projections."""
+    import peft  # the test extra
+
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                             target_modules=["query", "value"])
+    return peft.get_peft_model(model, config)
 
 
 def scheduled_layers(plan, exclude) -> list[str]:
@@ -163,7 +176,9 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
     info: dict[str, Any] = {}
     for name in settings:
         model = task.make_model(seed)
-        if name == "full":
+        if name.startswith("lora"):
+            model = with_lora(model)
+        if name in ("full", "lora"):
             modules[name] = model
             factory = None
         else:
@@ -171,7 +186,7 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
             module = slimfit_fx.compile(model, measure_batch, task.config)
             info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
             modules[name] = module
-            if name == "ratio":
+            if name in ("ratio", "lora-ratio"):
                 policy = slimfit_fx.Ratio(ratio)
             else:
                 budget = ratio_sized_budget(module.plan, scheduled_layers(module.plan, exclude), ratio, seed)
@@ -180,7 +195,7 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
 
             # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
             # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
-            bound = {} if name == "ratio" else {"max_frozen_steps": None}
+            bound = {"max_frozen_steps": None} if name == "budget" else {}
 
             def factory(m, o, policy=policy, bound=bound):
                 return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
@@ -232,16 +247,23 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
                                  "optimizer_state": peak.optimizer_state, "other": peak.other,
                                  "offloaded": peak.offloaded}
         out[name] = res
-    if "full" in out:
-        for name, res in out.items():
-            res["time_ratio_median"] = res["step_seconds_median"] / out["full"]["step_seconds_median"]
-            res["time_ratio_sum"] = res["step_seconds_sum"] / out["full"]["step_seconds_sum"]
+    for name, res in out.items():
+        ref = out.get(reference_of(name))
+        if ref is not None:
+            res["time_ratio_median"] = res["step_seconds_median"] / ref["step_seconds_median"]
+            res["time_ratio_sum"] = res["step_seconds_sum"] / ref["step_seconds_sum"]
     out["_info"] = info
     return out
 
 
+def reference_of(setting: str) -> str:
+    """What a setting is compared with: LoRA + slimfit_fx with LoRA alone, the others with full."""
+    return "lora" if setting.startswith("lora") else "full"
+
+
 def summarize(per_seed: dict[int, dict], settings) -> dict:
-    """Mean and std over seeds of each setting's figures; accuracy delta to full."""
+    """Mean and std over seeds of each setting's figures; accuracy delta, saved and peak ratios to
+    the setting's reference (``reference_of``; the ``*_to_full`` keys name that reference too)."""
     summary = {}
     for name in settings:
         rows = [per_seed[s][name] for s in per_seed]
@@ -255,18 +277,20 @@ def summarize(per_seed: dict[int, dict], settings) -> dict:
             entry["time_ratio_median"] = statistics.fmean(r["time_ratio_median"] for r in rows)
             entry["time_ratio_sum"] = statistics.fmean(r["time_ratio_sum"] for r in rows)
         summary[name] = entry
-    if "full" in summary:
-        full = summary["full"]
-        for entry in summary.values():
-            entry["accuracy_delta_to_full"] = entry["accuracy_mean"] - full["accuracy_mean"]
-            entry["saved_ratio_to_full"] = entry["saved_bytes_mean"] / full["saved_bytes_mean"]
-            entry["peak_ratio_to_full"] = entry["peak_bytes_mean"] / full["peak_bytes_mean"]
+    for name, entry in summary.items():
+        ref = summary.get(reference_of(name))
+        if ref is None:
+            continue
+        entry["reference"] = reference_of(name)
+        entry["accuracy_delta_to_full"] = entry["accuracy_mean"] - ref["accuracy_mean"]
+        entry["saved_ratio_to_full"] = entry["saved_bytes_mean"] / ref["saved_bytes_mean"]
+        entry["peak_ratio_to_full"] = entry["peak_bytes_mean"] / ref["peak_bytes_mean"]
     return summary
 
 
 def table(per_seed: dict[int, dict], summary: dict, settings, fmt: str = "github") -> str:
-    headers = ["setting", "seed", "accuracy", "saved act. MiB", "peak step MiB", "time ratio (median / sum)",
-               "frozen fraction"]
+    headers = ["setting", "seed", "accuracy (Δ to reference)", "saved act. MiB", "peak step MiB",
+               "time ratio to reference (median / sum)", "frozen fraction"]
     rows = []
     for name in settings:
         for seed, res in per_seed.items():

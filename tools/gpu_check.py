@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 WORKLOADS = [("bert-base", 32, 128), ("gpt2", 8, 512)]
-QUICK = [("bert-base", 4, 64), ("gpt2", 1, 128)]  # --quick: the CPU runs bf16 matmuls slowly
+QUICK = [("bert-base", 2, 32), ("gpt2", 1, 64)]  # --quick: the CPU runs bf16 matmuls slowly
 PRECISIONS = [("fp32", 0.85), ("bf16-autocast", 0.90)]
 SETTINGS = "pytorch,pytorch+freeze,slimfit-off,slimfit"
 
