@@ -8,6 +8,7 @@ the seed), the same batches, the same dropout stream and the same number of step
            iteration the 90% of layers whose weights changed least are frozen
   budget   slimfit_fx.compile(model, example) + Scheduler(Budget(B)) with B the bytes
            of a Ratio(0.9)-sized frozen set (below)
+  ratio-plain  the plain model (no compile) + Scheduler(Ratio(0.9)): what freezing alone does
   lora         PEFT LoRA (r 8 on query and value, the head trained as PEFT's modules_to_save),
                plain PyTorch
   lora-ratio   the same LoRA model through slimfit_fx.compile + Scheduler(Ratio(0.9)) over its
@@ -61,7 +62,7 @@ import slimfit_fx
 from slimfit_fx import tasks
 from slimfit_fx.measure import peak_bytes, saved_bytes
 
-SETTINGS = ("full", "ratio", "budget", "lora", "lora-ratio")
+SETTINGS = ("full", "ratio", "budget", "ratio-plain", "lora", "lora-ratio")
 # The new classification head is the only layer with nothing pretrained in it; left to the ILS it
 # trains in about 10% of the iterations (its relative weight change ranks low), which cost the tiny
 # ViT 18 points and MiniLM spread across seeds.  It is 0.003% of MiniLM's weights: keep it trainable.
@@ -114,15 +115,16 @@ def ratio_sized_budget(plan, layers: list[str], ratio: float, seed: int, samples
 
 
 def schedule_stats(plan, sched, n_layers: int) -> dict:
-    """Mean frozen fraction (of all SlimFit layers) and predicted bytes over the frozen sets used."""
-    fixed = set(sched._fixed_frozen) & set(plan.parameter_names)
+    """Mean frozen fraction (of all SlimFit layers) and predicted bytes over the frozen sets used
+    (none without a plan: a plain model)."""
+    fixed = set(sched._fixed_frozen) & set(plan.parameter_names) if plan is not None else set()
     cache: dict[frozenset, tuple[int, int]] = {}
     totals, acts, fracs = [], [], []
     for _, frozen in sched.history:
         key = frozenset(frozen)
         if key not in cache:
-            est = plan.predict(frozen=key | fixed, optimizer="adamw")
-            cache[key] = (est.total, est.activations)
+            est = plan.predict(frozen=key | fixed, optimizer="adamw") if plan is not None else None
+            cache[key] = (est.total, est.activations) if est is not None else (0, 0)
         totals.append(cache[key][0])
         acts.append(cache[key][1])
         fracs.append(len(frozen) / n_layers)
@@ -166,7 +168,8 @@ def _progress(total: int, desc: str):
 
 
 def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, lr=2e-4, ratio=0.9,
-             exclude=DEFAULT_EXCLUDE, frozen_state="keep", trim=False, weight_decay=0.01, progress=True) -> dict:
+             exclude=DEFAULT_EXCLUDE, frozen_state="keep", trim=False, weight_decay=0.01, progress=True,
+             max_frozen_steps="auto") -> dict:
     """Train every setting for ``steps`` interleaved steps under ``seed``; measure each. Returns
     ``{setting: result}`` plus ``"budget"`` details under ``"_budget"``."""
     data = task.data
@@ -182,11 +185,14 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
             modules[name] = model
             factory = None
         else:
-            t0 = time.perf_counter()
-            module = slimfit_fx.compile(model, measure_batch, task.config)
-            info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
+            if name == "ratio-plain":
+                module = model
+            else:
+                t0 = time.perf_counter()
+                module = slimfit_fx.compile(model, measure_batch, task.config)
+                info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
             modules[name] = module
-            if name in ("ratio", "lora-ratio"):
+            if name in ("ratio", "ratio-plain", "lora-ratio"):
                 policy = slimfit_fx.Ratio(ratio)
             else:
                 budget = ratio_sized_budget(module.plan, scheduled_layers(module.plan, exclude), ratio, seed)
@@ -195,7 +201,7 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
 
             # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
             # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
-            bound = {"max_frozen_steps": None} if name == "budget" else {}
+            bound = {"max_frozen_steps": None if name == "budget" else max_frozen_steps}
 
             def factory(m, o, policy=policy, bound=bound):
                 return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
@@ -222,11 +228,13 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
                                "step_seconds_sum": sum(run.step_seconds)}
         n_layers = len(slimfit_fx.analysis.layer_parameters(module.named_parameters()))
         if sched is not None:
-            res.update(schedule_stats(module.plan, sched, n_layers))
+            plan = getattr(module, "plan", None)
+            res.update(schedule_stats(plan, sched, n_layers))
             res["frozen_at_end"] = len(sched.frozen)
             res["scheduled_layers"] = len(sched.layers)
-            res["predicted_activations_at_end"] = module.plan.predict(
-                frozen=set(sched.frozen) | sched._fixed_frozen).activations
+            if plan is not None:
+                res["predicted_activations_at_end"] = plan.predict(
+                    frozen=set(sched.frozen) | sched._fixed_frozen).activations
         else:
             res["frozen_fraction_mean"] = 0.0
         module.train()
@@ -329,7 +337,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                         "the paper's pure ILS (docs/ACCURACY.md has the measurement behind the default)")
     p.add_argument("--frozen-state", choices=("keep", "offload", "compress"), default="keep",
                    help="where the scheduled settings keep frozen layers' AdamW state (compress is lossy)")
-    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    p.add_argument("--settings", nargs="+", choices=SETTINGS, default=["full", "ratio", "budget"])
+    p.add_argument("--max-frozen-steps", type=_bound, default="auto",
+                   help="the Ratio schedulers' staleness bound: auto (the default), none, or a number of iterations")
     p.add_argument("--formats", choices=sorted(FORMATS), default="default",
                    help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
                         "min/max) or SlimFitConfig.paper() (the paper's fixed-point formats)")
@@ -338,6 +348,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's choice); on a shared, busy machine 1 is several "
                         "times faster than oversubscribed OpenMP threads")
+
+
+def _bound(text: str):
+    return None if text == "none" else "auto" if text == "auto" else int(text)
 
 
 def apply_common_args(args: argparse.Namespace) -> None:
@@ -369,6 +383,7 @@ def main(argv=None) -> int:
         task.config = FORMATS[args.formats]()
         per_seed[seed] = run_seed(task, seed, settings=args.settings, steps=args.steps, batch=args.batch, lr=args.lr,
                                   ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
+                                  max_frozen_steps=args.max_frozen_steps,
                                   trim=args.trim, weight_decay=args.weight_decay, progress=not args.no_progress)
         for name in args.settings:
             r = per_seed[seed][name]
