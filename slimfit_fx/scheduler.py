@@ -166,14 +166,25 @@ class _BudgetPricing:
                                  optimizer=optimizer).total
 
 
-def _newly_initialised(names: list[str], params: list) -> list[str]:
+def _newly_initialised(model: nn.Module, names: list[str], params: list) -> list[str]:
     """The layers a pretrained HuggingFace model initialised itself when it loaded (a new head): the
-    ones without ``_is_hf_initialized``, when the others have it.  All or none flagged (a model built
-    from its config, or adapters added after loading) says nothing about what is new: none then."""
+    ones without ``_is_hf_initialized``, when the others have it; and, under PEFT, the trainable
+    copies it makes of such a head (``modules_to_save``), beside adapters that are all new alike.
+    All or none flagged otherwise (a model built from its config) says nothing: none then."""
+    head_copies = _peft_head_copies(model)
+    if head_copies:
+        return [n for n in names if n.startswith(head_copies)]
     flags = [bool(getattr(p, "_is_hf_initialized", False)) for p in params]
     if all(flags) or not any(flags):
         return []
     return [n for n, flag in zip(names, flags) if not flag]
+
+
+def _peft_head_copies(model: nn.Module) -> tuple[str, ...]:
+    """Name prefixes of PEFT's trainable head copies (``<head>.modules_to_save.``), found by the
+    wrapper's class name so that PEFT need not be installed."""
+    return tuple(f"{name}.modules_to_save." for name, m in model.named_modules()
+                 if type(m).__name__ == "ModulesToSaveWrapper")
 
 
 def _auto_bound(t: int, k: int | None) -> int:
@@ -352,7 +363,7 @@ class Scheduler:
                 continue
             names.append(name)
             params.append(p)
-        self.new_layers = _newly_initialised(names, params) if self.keep_new else []
+        self.new_layers = _newly_initialised(self.model, names, params) if self.keep_new else []
         if self.new_layers:
             logger.info("slimfit_fx.Scheduler: %s were initialised by the model, not loaded from its checkpoint "
                         "(a new head): they always train (Scheduler(keep_new=False) schedules them too)",

@@ -76,3 +76,25 @@ def test_zero_gradient_layers_are_unmeasured_not_unchanged():
     opt.zero_grad(set_to_none=True)
     assert (0, "0.weight") in sched.unmeasured_events and not sched.measured[0] and sched.measured[1]
     assert sched.scores[0] >= 1e6  # ranks with the untrained, not below every measured change
+
+
+def test_a_lora_models_new_head_always_trains_and_its_adapters_are_scheduled():
+    # PEFT's SEQ_CLS task trains a copy of the new classification head (modules_to_save) beside the
+    # adapters.  Left to the ILS with the adapters it trained in a few iterations out of ten and the
+    # MiniLM task stayed at chance (tools/finetune.py --settings lora-ratio): it is a new head.
+    torch.manual_seed(0)
+    model, inputs = make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.0)
+    model = peft.get_peft_model(model, config).train()
+    slim = slimfit_fx.compile(model, inputs)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = slimfit_fx.Scheduler(slim, opt, slimfit_fx.Ratio(0.9))
+    head = [n for n, p in model.named_parameters() if "modules_to_save" in n and p.dim() == 2]
+    assert head and set(head) <= set(sched.new_layers)
+    assert sched.layers and all("lora_" in n for n in sched.layers)
+    for _ in range(3):
+        slim(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert all(n not in frozen for _, frozen in sched.history for n in head)
+    assert slimfit_fx.Scheduler(slim, opt, slimfit_fx.Ratio(0.9), keep_new=False).new_layers == []
