@@ -11,8 +11,9 @@ the seed), the same batches, the same dropout stream and the same number of step
   ratio-plain  the plain model (no compile) + Scheduler(Ratio(0.9)): what freezing alone does
   lora         PEFT LoRA (r 8 on query and value, the head trained as PEFT's modules_to_save),
                plain PyTorch
+  lora-compile the same LoRA model through slimfit_fx.compile, no scheduler (the formats alone)
   lora-ratio   the same LoRA model through slimfit_fx.compile + Scheduler(Ratio(0.9)) over its
-               trainable tensors (the LoRA A/B matrices and the head)
+               adapter tensors (PEFT's copy of the new head always trains: keep_new)
 
 The budget B: ``module.plan.predict(frozen=F).total`` (parameters + buffers +
 gradients and AdamW state of the trained layers + saved activations, for the
@@ -62,12 +63,15 @@ import slimfit_fx
 from slimfit_fx import tasks
 from slimfit_fx.measure import peak_bytes, saved_bytes
 
-SETTINGS = ("full", "ratio", "budget", "ratio-plain", "lora", "lora-ratio")
+SETTINGS = ("full", "ratio", "budget", "ratio-plain", "lora", "lora-compile", "lora-ratio")
+PLAIN = ("full", "ratio-plain", "lora")  # not compiled
+SCHEDULED = ("ratio", "budget", "ratio-plain", "lora-ratio")
 # The new classification head is the only layer with nothing pretrained in it; left to the ILS it
 # trains in about 10% of the iterations (its relative weight change ranks low), which cost the tiny
 # ViT 18 points and MiniLM spread across seeds.  It is 0.003% of MiniLM's weights: keep it trainable.
 DEFAULT_EXCLUDE = ("classifier.*",)
-FORMATS = {"default": slimfit_fx.SlimFitConfig, "paper": slimfit_fx.SlimFitConfig.paper}
+FORMATS = {"default": slimfit_fx.SlimFitConfig, "paper": slimfit_fx.SlimFitConfig.paper,
+           "off": slimfit_fx.SlimFitConfig.off}
 MiB = 2 ** 20
 
 
@@ -181,24 +185,20 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
         model = task.make_model(seed)
         if name.startswith("lora"):
             model = with_lora(model)
-        if name in ("full", "lora"):
-            modules[name] = model
-            factory = None
-        else:
-            if name == "ratio-plain":
-                module = model
-            else:
-                t0 = time.perf_counter()
-                module = slimfit_fx.compile(model, measure_batch, task.config)
-                info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
-            modules[name] = module
-            if name in ("ratio", "ratio-plain", "lora-ratio"):
-                policy = slimfit_fx.Ratio(ratio)
-            else:
+        module = model
+        if name not in PLAIN:
+            t0 = time.perf_counter()
+            module = slimfit_fx.compile(model, measure_batch, task.config)
+            info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
+        modules[name] = module
+        factory = None
+        if name in SCHEDULED:
+            if name == "budget":
                 budget = ratio_sized_budget(module.plan, scheduled_layers(module.plan, exclude), ratio, seed)
                 info["budget"] = budget
                 policy = slimfit_fx.Budget(budget["bytes"])
-
+            else:
+                policy = slimfit_fx.Ratio(ratio)
             # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
             # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
             bound = {"max_frozen_steps": None if name == "budget" else max_frozen_steps}
@@ -342,7 +342,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="the Ratio schedulers' staleness bound: auto (the default), none, or a number of iterations")
     p.add_argument("--formats", choices=sorted(FORMATS), default="default",
                    help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
-                        "min/max) or SlimFitConfig.paper() (the paper's fixed-point formats)")
+                        "min/max), SlimFitConfig.paper() (the paper's fixed-point formats) or off() (no rewrite)")
     p.add_argument("--out", default=None, help="JSON path (default results/<tool>_<tag>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None,
