@@ -19,7 +19,7 @@ from .analysis import analyze_graph
 from .config import SlimFitConfig
 from .memory import MemoryPlan
 from .precision import autocast_disabled, autocast_state
-from .trace import TraceError, _share_with_model, normalize_inputs, shape_signature, trace
+from .trace import TraceError, _class_forward, _share_with_model, normalize_inputs, shape_signature, trace
 
 __all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "SlimFitModule"]
 
@@ -191,6 +191,24 @@ class SlimFitModule(nn.Module):
             object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
         return marker
 
+    def plan_for_call(self, args: tuple, kwargs: dict) -> MemoryPlan:
+        """The MemoryPlan of a training call with these inputs, captured afresh at exactly their shapes
+        (what a Budget is priced with): the model's, or its backbone's when only that is captured.
+        Names are the whole model's.  Nothing runs but the model's code up to its backbone."""
+        if self.backbone is not None:
+            call = _inputs_of(self.backbone.original, self.original, args, kwargs)
+            if call is None:
+                raise TraceError(f"{type(self.original).__name__} did not call its backbone with these inputs")
+            return self.backbone.plan_for_call(*call)
+        model = self.original
+        was_training = model.training
+        model.train()
+        try:
+            gm = trace(model, _as_inputs(args, kwargs), dynamic=False)
+        finally:
+            model.train(was_training)
+        return plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
+
     def rewrite_notes(self) -> dict[str, int]:
         """What the passes did in the captured graphs, counted by kind (``"GELU input quantized": 12``,
         where attention stayed on a fused kernel, what was kept unquantized and why)."""
@@ -221,11 +239,16 @@ class SlimFitModule(nn.Module):
     def forward(self, *args, **kwargs):
         if not self.training:
             return self.original(*args, **kwargs)
+        # Seen from inside: accelerate (the Trainer's bf16/fp16) enters autocast within the forward it
+        # wraps, after the Scheduler's forward pre-hook; the Scheduler prices a Budget in this precision.
+        object.__setattr__(self, "last_autocast", autocast_state())
         self._check_parameters()
         exact = self._graphs.get(("shapes", shape_signature(args, kwargs))) if len(self._graphs) > 1 else None
         gm = exact or self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
         if isinstance(gm, _Backbone):
-            with gm.routed():  # the model's own forward, its backbone through the SlimFit graph
+            # The model's own forward (the class's, not one compile_in_place installed, which would
+            # call back here), its backbone through the SlimFit graph.
+            with gm.routed(), _class_forward(self.original):
                 out = self.original(*args, **kwargs)
             if self.plan is None and gm.inner.plan is not None:
                 object.__setattr__(self, "plan", gm.inner.plan)

@@ -168,23 +168,19 @@ class _BudgetPricing:
 
 def _newly_initialised(model: nn.Module, names: list[str], params: list) -> list[str]:
     """The layers a pretrained HuggingFace model initialised itself when it loaded (a new head): the
-    ones without ``_is_hf_initialized``, when the others have it; and, under PEFT, the trainable
-    copies it makes of such a head (``modules_to_save``), beside adapters that are all new alike.
-    All or none flagged otherwise (a model built from its config) says nothing: none then."""
-    head_copies = _peft_head_copies(model)
-    if head_copies:
-        return [n for n in names if n.startswith(head_copies)]
-    flags = [bool(getattr(p, "_is_hf_initialized", False)) for p in params]
-    if all(flags) or not any(flags):
+    ones without ``_is_hf_initialized`` when others have it.  Under PEFT, whose adapters are all new
+    alike, only the trainable copies (``modules_to_save``) of such a head.  A model built from its
+    config (nothing flagged) says nothing about what is new: none then."""
+    if not any(getattr(p, "_is_hf_initialized", False) for p in model.parameters()):
         return []
-    return [n for n, flag in zip(names, flags) if not flag]
-
-
-def _peft_head_copies(model: nn.Module) -> tuple[str, ...]:
-    """Name prefixes of PEFT's trainable head copies (``<head>.modules_to_save.``), found by the
-    wrapper's class name so that PEFT need not be installed."""
-    return tuple(f"{name}.modules_to_save." for name, m in model.named_modules()
-                 if type(m).__name__ == "ModulesToSaveWrapper")
+    if any(hasattr(m, "peft_config") for m in model.modules()):
+        new_heads = tuple(f"{name}.modules_to_save." for name, m in model.named_modules()
+                          if type(m).__name__ == "ModulesToSaveWrapper"  # by name: PEFT need not be installed
+                          and not any(getattr(p, "_is_hf_initialized", False)
+                                      for p in m.original_module.parameters()))
+        return [n for n in names if new_heads and n.startswith(new_heads)]
+    new = [n for n, p in zip(names, params) if not getattr(p, "_is_hf_initialized", False)]
+    return new if len(new) < len(names) else []  # only layers the user added train: none is "new"
 
 
 def _auto_bound(t: int, k: int | None) -> int:
@@ -194,7 +190,8 @@ def _auto_bound(t: int, k: int | None) -> int:
     far above a pretrained one whatever either learns; the bound keeps the others training."""
     if k is None or t - k <= 0:
         return 100
-    return min(100, max(8, 4 * math.ceil(t / (t - k))))
+    sweep = math.ceil(t / (t - k))
+    return max(sweep - 1, min(100, max(8, 4 * sweep)))  # never below what the schedule can keep
 
 
 class Scheduler:
@@ -479,8 +476,13 @@ class Scheduler:
                 p.requires_grad_(True)
             try:
                 sig = self._last_signature
-                with autocast_enabled(sig[-1] if isinstance(sig, tuple) else ()):
-                    return analyze(model, example, config)  # in the precision the batch ran in
+                precision = sig[-1] if isinstance(sig, tuple) else ()
+                if self.compiled:
+                    precision = self._slim.__dict__.get("last_autocast", precision)
+                with autocast_enabled(precision):  # the batch's precision
+                    if self.compiled:
+                        return self._slim.plan_for_call(tuple(args), dict(kwargs))
+                    return analyze(model, example, config)
             finally:
                 for p, r in zip(self.params, requires):
                     p.requires_grad_(r)
@@ -676,24 +678,33 @@ class Scheduler:
             "nonfinite_events": list(self.nonfinite_events),
             "unmeasured_events": list(self.unmeasured_events),
             "generator": self._gen.get_state(),
+            "new_layers": list(self.new_layers),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["layers"]) != self.layers:
+            saved_new = list(state.get("new_layers", []))
+            hint = ("use the same model, include and exclude")
+            if set(state["layers"]) | set(saved_new) == set(self.layers) | set(self.new_layers):
+                # A model reloaded from its fine-tuned checkpoint has every layer loaded: nothing is new.
+                hint = (f"it was saved with {saved_new or 'no layers'} kept trainable as new and this one "
+                        f"keeps {self.new_layers or 'none'}: pass keep_new=False to both, or exclude=[...] "
+                        "the head on both")
             raise SchedulerError("this scheduler state was saved for a different set of layers "
-                                 f"({len(state['layers'])} vs {len(self.layers)}); use the same model, "
-                                 "include and exclude")
-        self.scores = state["scores"].clone().to(torch.float64)
-        self.measured = state["measured"].clone()
+                                 f"({len(state['layers'])} vs {len(self.layers)}); {hint}")
+        # Everything on the CPU, where the scheduler keeps it: a checkpoint loaded with map_location on a
+        # GPU (the Trainer does so with several processes) brings the tensors back there.
+        self.scores = state["scores"].detach().to("cpu", torch.float64).clone()
+        self.measured = state["measured"].detach().cpu().clone()
         self.iteration = int(state["iteration"])
         self.history = list(state["history"])
         self.nonfinite_events = list(state["nonfinite_events"])
         self.unmeasured_events = list(state.get("unmeasured_events", []))
         if "generator" in state:
-            self._gen.set_state(state["generator"])
+            self._gen.set_state(state["generator"].cpu())
         frozen = set(state["frozen"])
         self._apply(frozen, record=False)
-        self.frozen_for = state["frozen_for"].clone()
+        self.frozen_for = state["frozen_for"].detach().cpu().clone()
 
     def remove(self) -> None:
         """Detach from the optimizer and model; every scheduled layer trains again."""

@@ -84,14 +84,19 @@ def test_a_lora_models_new_head_always_trains_and_its_adapters_are_scheduled():
     # MiniLM task stayed at chance (tools/finetune.py --settings lora-ratio): it is a new head.
     torch.manual_seed(0)
     model, inputs = make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.0)
+    for name, p in model.named_parameters():  # as from_pretrained flags what it loaded: all but the head
+        p._is_hf_initialized = not name.startswith("classifier.")
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"], lora_dropout=0.0,
+                             modules_to_save=["pooler.dense"])  # a pretrained layer trained whole: scheduled
     model = peft.get_peft_model(model, config).train()
     slim = slimfit_fx.compile(model, inputs)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sched = slimfit_fx.Scheduler(slim, opt, slimfit_fx.Ratio(0.9))
-    head = [n for n, p in model.named_parameters() if "modules_to_save" in n and p.dim() == 2]
-    assert head and set(head) <= set(sched.new_layers)
-    assert sched.layers and all("lora_" in n for n in sched.layers)
+    copies = [n for n, p in model.named_parameters() if "modules_to_save" in n and p.dim() == 2]
+    head = [n for n in copies if "classifier" in n]
+    assert head and set(sched.new_layers) == set(head)
+    assert sched.layers and all("lora_" in n or "pooler" in n for n in sched.layers)
+    assert any("pooler" in n for n in sched.layers)
     for _ in range(3):
         slim(**inputs).loss.backward()
         opt.step()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
+from slimfit_fx.compiler import compile_in_place
 from slimfit_fx.measure import saved_bytes
 from conftest import FAMILIES, call, make_bert, make_gpt2, make_vit
 
@@ -223,3 +224,49 @@ def test_a_drop_in_module_has_the_models_attributes_and_pickles():
     slim.eval()
     with torch.no_grad():
         assert slim.generate(inputs["input_ids"][:, :3], max_new_tokens=2, do_sample=False).shape == (4, 5)
+
+
+class _Backbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.nn.functional.gelu(self.fc(x))
+
+
+class _BranchingHead(torch.nn.Module):
+    """A model whose Python branches on tensor values outside its backbone, as DeBERTa-v2's loss does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = _Backbone()
+        self.head = torch.nn.Linear(8, 2)
+
+    @property
+    def base_model(self):
+        return self.backbone
+
+    def forward(self, x):
+        h = self.backbone(x)
+        if h.sum() > 0:
+            h = h * 2
+        return self.head(h).sum()
+
+
+def test_a_backbone_only_model_trains_in_place_and_its_budget_is_priced():
+    torch.manual_seed(0)
+    model, x = _BranchingHead().train(), torch.randn(3, 8)
+    want = model(x)
+    with pytest.warns(RuntimeWarning, match="branches on tensor values"):
+        slim = compile_in_place(model)
+        got = model(x)  # its forward calls the SlimFit module, whose backbone routing calls the model
+    assert slim.backbone is not None
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got.backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = slimfit_fx.Scheduler(model, opt, slimfit_fx.Ratio(0.5))
+    model(x).backward()
+    opt.step()
+    est = sched.predicted_bytes()  # priced on the backbone: the model itself cannot be captured
+    assert "backbone.fc.weight" in est.per_layer and est.total > 0

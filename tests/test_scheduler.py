@@ -444,5 +444,14 @@ def test_the_default_staleness_bound_is_four_sweeps():
 
     assert _auto_bound(102, 91) == 40  # BERT-base at Ratio(0.9): a sweep is 10 iterations
     assert _auto_bound(8, 4) == 8  # a minimum of 8
-    assert _auto_bound(1000, 999) == 100  # a maximum of 100
+    assert _auto_bound(1000, 990) == 100  # a maximum of 100
     assert _auto_bound(102, None) == 100  # Budget
+    assert _auto_bound(1000, 999) == 999  # one layer trains per iteration: none can wait less
+
+
+def test_the_default_staleness_bound_holds_at_any_ratio():
+    # 300 layers at Ratio(0.995): two train per iteration, so some must wait 149 (the 4-sweep cap is 100).
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(300)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Scheduler(model, opt, Ratio(0.995))
+    assert sched.max_frozen_steps == 149
