@@ -71,7 +71,8 @@ SCHEDULED = ("ratio", "budget", "ratio-plain", "lora-ratio")
 # ViT 18 points and MiniLM spread across seeds.  It is 0.003% of MiniLM's weights: keep it trainable.
 DEFAULT_EXCLUDE = ("classifier.*",)
 FORMATS = {"default": slimfit_fx.SlimFitConfig, "paper": slimfit_fx.SlimFitConfig.paper,
-           "off": slimfit_fx.SlimFitConfig.off}
+           "off": slimfit_fx.SlimFitConfig.off,
+           "no-ln-pruning": lambda: slimfit_fx.SlimFitConfig(prune_layernorm=False)}
 MiB = 2 ** 20
 
 
@@ -342,7 +343,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
                    help="the Ratio schedulers' staleness bound: auto (the default), none, or a number of iterations")
     p.add_argument("--formats", choices=sorted(FORMATS), default="default",
                    help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
-                        "min/max), SlimFitConfig.paper() (the paper's fixed-point formats) or off() (no rewrite)")
+                        "min/max), SlimFitConfig.paper() (the paper's fixed-point formats), off() (no rewrite) "
+                        "or the default without pruned frozen LayerNorms")
     p.add_argument("--out", default=None, help="JSON path (default results/<tool>_<tag>.json)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None,
