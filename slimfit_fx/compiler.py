@@ -7,7 +7,6 @@ drop-in module that runs the rewritten graph in training mode.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import warnings
 from typing import Any
@@ -440,36 +439,55 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     return SlimFitModule(model, config, example_inputs)
 
 
+class _InPlaceForward:
+    """The forward ``compile_in_place`` installs on a model instance: training calls go through the
+    model's SlimFitModule, the rest to the class's forward.  An object holding the model, not a
+    closure, so that ``copy.deepcopy`` (an EMA or reference model) and pickling carry it over to the
+    copy and its own SlimFitModule; it keeps the class forward's signature, which the Trainer reads."""
+
+    def __init__(self, model: nn.Module, previous=None):
+        self.model = model
+        self.previous = previous  # an instance forward installed before (accelerate's), restored by uncompile
+        self.__signature__ = inspect.signature(previous or type(model).forward.__get__(model))
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        base = self.previous or type(model).forward.__get__(model)
+        slim = model.__dict__.get("_slimfit_module")  # None after uncompile, under a wrapper that kept this
+        if slim is None or not model.training or not torch.is_grad_enabled():
+            return base(*args, **kwargs)
+        slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
+        args, kwargs = _as_keywords(model, args, kwargs)
+        return slim(*args, **kwargs)
+
+
 def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
     """Make ``model`` train through the SlimFit graph without replacing the object.
 
     Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
-    Idempotent for one model; call :func:`uncompile` to undo.
+    Idempotent for one model; call :func:`uncompile` to undo.  A deepcopy or a pickle of the model
+    trains through a SlimFitModule of its own.
     """
     if isinstance(model, SlimFitModule):
         raise TypeError("compile_in_place needs the original model, not a SlimFitModule")
     existing = getattr(model, "_slimfit_module", None)
     if existing is not None:
         return existing
-    original_forward = model.forward  # the class's forward, bound
     slim = compile(model, example_inputs, config)
-
-    @functools.wraps(original_forward)  # keeps the signature the Trainer inspects
-    def forward(*args, **kwargs):
-        if not model.training or not torch.is_grad_enabled():
-            return original_forward(*args, **kwargs)
-        slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
-        args, kwargs = _as_keywords(model, args, kwargs)
-        return slim(*args, **kwargs)
-
     # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
     object.__setattr__(model, "_slimfit_module", slim)
-    object.__setattr__(model, "forward", forward)
+    object.__setattr__(model, "forward", _InPlaceForward(model, model.__dict__.get("forward")))
     return slim
 
 
 def uncompile(model: nn.Module) -> None:
-    """Undo :func:`compile_in_place`."""
+    """Undo :func:`compile_in_place` (an instance forward installed before it comes back)."""
     if "_slimfit_module" in model.__dict__:
         del model.__dict__["_slimfit_module"]
-        model.__dict__.pop("forward", None)
+        installed = model.__dict__.get("forward")
+        if isinstance(installed, _InPlaceForward):
+            del model.__dict__["forward"]
+            if installed.previous is not None:
+                model.__dict__["forward"] = installed.previous
+        # else a wrapper installed after compile_in_place (accelerate's) stays: it calls the
+        # _InPlaceForward it wraps, which now passes every call to the model's own forward.

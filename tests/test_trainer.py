@@ -127,6 +127,29 @@ def test_compile_in_place_matches_compile_and_is_reversible():
         compile_in_place(slimfit_fx.compile(_model()))
 
 
+def test_a_deepcopy_or_pickle_of_a_model_compiled_in_place_trains_its_own_weights():
+    # An EMA or a reference model is a deepcopy: it must not run the original's weights.
+    import copy
+    import inspect
+    import pickle
+
+    model = _model()
+    _, x = make_bert()
+    compile_in_place(model, x)
+    model.train()
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._slimfit_module.original is twin and twin._slimfit_module is not model._slimfit_module
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.zero_()
+        torch.manual_seed(0)
+        out = twin(**x).logits
+        assert torch.count_nonzero(out) == 0
+        torch.manual_seed(0)
+        assert torch.count_nonzero(model(**x).logits) > 0
+    assert "input_ids" in inspect.signature(model.forward).parameters  # the Trainer reads it
+
+
 def test_integrations_names_resolve_lazily():
     import slimfit_fx.integrations as integrations
     from slimfit_fx.integrations import distributed, huggingface
