@@ -525,11 +525,17 @@ class Scheduler:
         nothing of how they learn, so they are scored as unmeasured, not as unchanged."""
         if not trained:
             return set()
-        peaks = []
+        zeros = []
         for i in trained:
-            g = self.params[i].grad.detach().abs().amax()
-            peaks.append(g.full_tensor() if hasattr(g, "full_tensor") else g)
-        flags = (torch.stack([p.to(torch.float64).cpu() for p in peaks]) == 0).tolist()
+            g = self.params[i].grad.detach()
+            if g.is_sparse:  # nn.Embedding(sparse=True): the rows it touched
+                g = g.coalesce().values()
+            zero = ~(g != 0).any()
+            zeros.append(zero.full_tensor() if hasattr(zero, "full_tensor") else zero)
+        if len({z.device for z in zeros}) == 1:
+            flags = torch.stack(zeros).tolist()
+        else:  # parameters on several devices: one copy each
+            flags = [bool(z) for z in zeros]
         return {i for i, zero in zip(trained, flags) if zero}
 
     @torch.no_grad()

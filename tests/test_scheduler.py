@@ -455,3 +455,14 @@ def test_the_default_staleness_bound_holds_at_any_ratio():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = Scheduler(model, opt, Ratio(0.995))
     assert sched.max_frozen_steps == 149
+
+
+def test_a_sparse_gradient_is_scored_like_a_dense_one():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Scheduler(model, opt, Ratio(0.0))
+    for _ in range(2):
+        model(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert sched.measured.all() and not sched.unmeasured_events
