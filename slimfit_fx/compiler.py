@@ -266,8 +266,10 @@ class SlimFitModule(nn.Module):
 
     def _check_parameters(self) -> None:
         """Refuse FSDP2 sharding, and follow parameters the user replaced (``model.fc.weight =
-        nn.Parameter(...)``) after the capture; a cheap identity check when nothing changed."""
-        current = tuple(map(id, self._parameters_in_order()))
+        nn.Parameter(...)``) and buffers ``model.to(...)`` replaced after the capture (a model compiled
+        in place is moved without this module); a cheap identity check when nothing changed."""
+        current = tuple(map(id, self._parameters_in_order())) + tuple(
+            id(b) for _, b in self.original.named_buffers(remove_duplicate=False))
         if current == self._parameter_ids:
             return
         _refuse_sharded(self)

@@ -270,3 +270,23 @@ def test_a_backbone_only_model_trains_in_place_and_its_budget_is_priced():
     opt.step()
     est = sched.predicted_bytes()  # priced on the backbone: the model itself cannot be captured
     assert "backbone.fc.weight" in est.per_layer and est.total > 0
+
+
+def test_a_model_compiled_in_place_and_then_moved_trains_with_its_new_buffers():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+            self.register_buffer("scale", torch.full((4,), 2.0))
+
+        def forward(self, x):
+            return (self.fc(x) * self.scale).sum()
+
+    model, x = Scaled().train(), torch.randn(3, 4)
+    slim = compile_in_place(model, {"x": x})
+    model.to(torch.float64)  # replaces the buffer; the compiled module is not told
+    with torch.no_grad():
+        model.scale.fill_(3.0)
+    got = model(x.double())
+    assert dict(slim.graph_module.named_buffers())["scale"] is model.scale
+    torch.testing.assert_close(got, (model.fc(x.double()) * 3.0).sum())
