@@ -145,17 +145,13 @@ class SlimFitModule(nn.Module):
         """A graph for calls like this one: with symbolic batch and sequence sizes (``dynamic``), or for
         exactly these shapes (where the symbolic graph's guards exclude them)."""
         model = self.original
-        was_training = model.training
-        model.train()
         try:
-            gm = trace(model, _as_inputs(args, kwargs), dynamic=dynamic)
+            gm = _trace_training(model, args, kwargs, dynamic)
         except TraceError as exc:
             backbone = _backbone_for(model, exc)
             if backbone is None:
                 raise
             return self._capture_backbone(backbone, exc, args, kwargs)
-        finally:
-            model.train(was_training)
         plan = plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
         for rewrite in _passes():
             gm = rewrite(gm, self.slimfit_config)
@@ -199,14 +195,8 @@ class SlimFitModule(nn.Module):
             if call is None:
                 raise TraceError(f"{type(self.original).__name__} did not call its backbone with these inputs")
             return self.backbone.plan_for_call(*call)
-        model = self.original
-        was_training = model.training
-        model.train()
-        try:
-            gm = trace(model, _as_inputs(args, kwargs), dynamic=False)
-        finally:
-            model.train(was_training)
-        return plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
+        gm = _trace_training(self.original, args, kwargs, dynamic=False)
+        return plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or self.original)
 
     def rewrite_notes(self) -> dict[str, int]:
         """What the passes did in the captured graphs, counted by kind (``"GELU input quantized": 12``,
@@ -386,6 +376,16 @@ def _inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict
         if installed is not None:
             submodule.__dict__["forward"] = installed
     return seen[0] if seen else None
+
+
+def _trace_training(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
+    """``trace`` in training mode, the model's own mode restored after."""
+    was_training = model.training
+    model.train()
+    try:
+        return trace(model, _as_inputs(args, kwargs), dynamic=dynamic)
+    finally:
+        model.train(was_training)
 
 
 def _as_inputs(args: tuple, kwargs: dict):

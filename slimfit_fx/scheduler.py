@@ -690,7 +690,7 @@ class Scheduler:
     def load_state_dict(self, state: dict) -> None:
         if list(state["layers"]) != self.layers:
             saved_new = list(state.get("new_layers", []))
-            hint = ("use the same model, include and exclude")
+            hint = "use the same model, include and exclude"
             if set(state["layers"]) | set(saved_new) == set(self.layers) | set(self.new_layers):
                 # A model reloaded from its fine-tuned checkpoint has every layer loaded: nothing is new.
                 hint = (f"it was saved with {saved_new or 'no layers'} kept trainable as new and this one "

@@ -466,3 +466,19 @@ def test_a_sparse_gradient_is_scored_like_a_dense_one():
         opt.step()
         opt.zero_grad()
     assert sched.measured.all() and not sched.unmeasured_events
+
+
+def test_a_state_saved_with_a_new_head_names_the_fix_when_the_head_is_no_longer_new():
+    def model(head_new):
+        m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        for name, p in m.named_parameters():  # as from_pretrained flags what the checkpoint held
+            p._is_hf_initialized = not (head_new and name.startswith("2."))
+        return m
+
+    first = model(head_new=True)
+    saved = Scheduler(first, torch.optim.SGD(first.parameters(), lr=0.1), Ratio(0.5)).state_dict()
+    assert saved["new_layers"] == ["2.weight"]
+    reloaded = model(head_new=False)  # the fine-tuned checkpoint holds the head too
+    sched = Scheduler(reloaded, torch.optim.SGD(reloaded.parameters(), lr=0.1), Ratio(0.5))
+    with pytest.raises(SchedulerError, match="keep_new=False"):
+        sched.load_state_dict(saved)
