@@ -96,6 +96,7 @@ class OpContext:
     config: SlimFitConfig | None
     is_param: Callable[[fx.Node], bool]
     may_require_grad: Callable[[fx.Node], bool] = lambda node: True  # under some frozen set
+    fused_op: Callable[[fx.Node], Callable | None] = lambda node: None  # the op a pattern fuses it into
 
     def absorbs_cast(self, weight) -> bool:
         """Whether the rewritten op takes the parameter behind this autocast cast and casts it
@@ -257,7 +258,7 @@ def _linear(node, ctx):
     copy = None
     if x.dim() > 2 and _reshape_copies(_arg(node, 0), [-1, in_features]):
         copy = _numel(_arg(node, 0)) * x.dtype.itemsize
-    role = "ffn_out_input" if produced_by_gelu(_arg(node, 0)) else "linear_input"
+    role = "ffn_out_input" if produced_by_gelu(_arg(node, 0), ctx.fused_op) else "linear_input"
     fmt_name = "full"
     ffn_fmt = format_for(ctx.config and ctx.config.ffn_out_input_format, _arg(node, 0))
     if role == "ffn_out_input" and ffn_fmt is not None:
@@ -279,6 +280,10 @@ _VIEW_OPS = {
     "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.t", "aten.alias", "aten.flatten",
     "aten.contiguous", "aten.view_as", "aten.expand_as", "aten.unflatten", "aten.dropout",
 }
+
+
+# Ops that return a view of (or, for reshape/contiguous, a value equal to) their first argument.
+VIEW_OPS = frozenset(_VIEW_OPS - {"aten.dropout"})
 
 
 def _scalar_mul(node, name_value) -> tuple[fx.Node, float] | None:
@@ -367,11 +372,15 @@ def returns_input(node) -> fx.Node | None:
     return None
 
 
-def produced_by_gelu(node) -> bool:
-    """Whether ``node`` is a GELU output, looking through views (the FFN-out Linear input)."""
+def produced_by_gelu(node, fused_op: Callable = lambda node: None) -> bool:
+    """Whether ``node`` is an FFN's hidden activation, looking through views (the FFN-out Linear
+    input): a GELU output, or the output of an op marked ``ffn_hidden`` (a gated MLP's product),
+    already in the graph or, by ``fused_op``, about to be fused into one."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)
         if key == "aten.gelu" or match_tanh_gelu(node) is not None:
+            return True
+        if getattr(node.target, "ffn_hidden", False) or getattr(fused_op(node), "ffn_hidden", False):
             return True
         if (key in _VIEW_OPS and key != "aten.dropout") or cast_source(node) is not None:
             node = node.args[0]
@@ -1043,6 +1052,14 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
                 fused[n.name] = (x,)
                 inner.update(p.name for p in pattern[:-1])
 
+    from .extend import find_fusions  # late: the registered patterns import this module
+
+    fusions = find_fusions(gm, config)
+    for name, fusion in fusions.items():
+        fused[name] = fusion.args
+        inner.update(p.name for p in fusion.inner)
+    ctx.fused_op = lambda node: fusions[node.name].op if node.name in fusions else None
+
     def arg_of(n, j):
         return fused[n.name][j] if n.name in fused else _arg(n, j)
 
@@ -1062,7 +1079,9 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             continue
         key = op_key(n.target)
         rule = OP_TABLE.get(key)
-        if n.name in fused:
+        if n.name in fusions:
+            key, rule = f"slimfit.{fusions[n.name].pattern}", (lambda node, c, f=fusions[n.name]: f.saves(c))
+        elif n.name in fused:
             key, rule = "aten.gelu", _fused_gelu_rule(fused[n.name][0])
         if rule is None:
             if not float_out[n.name]:

@@ -24,16 +24,10 @@ __all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompil
 
 
 def _passes():
-    # passes/ is installed as slimfit_fx.passes; imported late because the passes import the ops.
-    from .passes.dropout_masks import compact_dropout_masks
-    from .passes.freeze_gate import freeze_gate
-    from .passes.prune_layernorm import prune_layernorm
-    from .passes.quantize_activations import quantize_activations
-    from .passes.recast_weights import recast_weights
+    """The registered rewrites in their declared order (``slimfit_fx.extend.pipeline``)."""
+    from .extend import pipeline
 
-    # quantize_activations first: it finds FFN-out Linears by their (still ATen) GELU producer;
-    # recast_weights after it: it takes the Linears left over.
-    return [quantize_activations, recast_weights, prune_layernorm, compact_dropout_masks, freeze_gate]
+    return [fn for _, fn in pipeline()]
 
 
 def plan_for_graph(gm, config: SlimFitConfig | None = None, model: nn.Module | None = None) -> MemoryPlan:

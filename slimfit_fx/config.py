@@ -96,6 +96,11 @@ class SlimFitConfig:
     accelerators, where it is one cheap kernel) or ``"full"`` (eager PyTorch's mask).
     ``recast_weights``: under autocast, Linear/Conv keep the parameter rather than its
     low-precision copy and cast it again in backward (eager PyTorch keeps the copy).
+    Decoder patterns (``slimfit_fx.fusions``): ``fuse_gated_mlp`` keeps a gated MLP's gate in
+    ``gelu_input_format`` and its up-projection in ``glu_up_format``; ``fuse_rmsnorm`` keeps an
+    RMSNorm's normalized input pruned while frozen (``prune_layernorm``, ``layernorm_keep_ratio``)
+    and in ``norm_input_format`` while it trains; ``fuse_cross_entropy`` keeps a language-model
+    head's input instead of its log-probabilities and recomputes the logits in backward.
     """
 
     freeze_gate: bool = True
@@ -108,6 +113,11 @@ class SlimFitConfig:
     layernorm_keep_ratio: float = 0.1
     dropout_masks: str = "auto"
     recast_weights: bool = True
+    glu_up_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    norm_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    fuse_gated_mlp: bool = True
+    fuse_rmsnorm: bool = True
+    fuse_cross_entropy: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -129,7 +139,8 @@ class SlimFitConfig:
     def off(cls) -> "SlimFitConfig":
         """Every rewrite off: the compiled module computes exactly what the original does."""
         return cls(freeze_gate=False, **_formats(None, None, None, None, None), prune_layernorm=False,
-                   dropout_masks="full", recast_weights=False)
+                   dropout_masks="full", recast_weights=False, glu_up_format=None, norm_input_format=None,
+                   fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False)
 
     @classmethod
     def paper(cls) -> "SlimFitConfig":

@@ -183,6 +183,23 @@ def _newly_initialised(model: nn.Module, names: list[str], params: list) -> list
     return new if len(new) < len(names) else []  # only layers the user added train: none is "new"
 
 
+def relative_change(before, after, grad, eps) -> torch.Tensor:
+    """The paper's score: the mean relative change ``|dW| / (|W| + eps)``."""
+    return (after - before).abs_().div_(before.abs_().add_(eps)).mean(dtype=torch.float64)
+
+
+def loss_drop(before, after, grad, eps) -> torch.Tensor:
+    """The first-order loss decrease the step bought: ``-sum(grad * dW)``.  Under Adam every weight
+    moves by about the learning rate, so the relative change ranks layers by ``1 / |W|``; this ranks
+    them by what their update did to the loss."""
+    g = grad.detach()
+    g = g.to_dense() if g.is_sparse else g
+    return -(g.to(after.dtype) * (after - before)).sum(dtype=torch.float64)
+
+
+METRICS = {"relative_change": relative_change, "loss_drop": loss_drop}
+
+
 def _auto_bound(t: int, k: int | None) -> int:
     """The default staleness bound: four sweeps (a sweep is the ``ceil(t / (t - k))`` iterations a
     Ratio schedule needs to train every layer once), at least 8 and at most 100 iterations; 100 under
@@ -239,6 +256,7 @@ class Scheduler:
         max_frozen_steps: int | str | None = "auto",
         frozen_state: str = "keep",
         eps: float = 1e-8,
+        metric: str = "relative_change",
         seed: int = 0,
         record: bool = True,
         nonfinite: str = "warn",
@@ -258,6 +276,8 @@ class Scheduler:
             raise ConfigError(f"max_frozen_steps={max_frozen_steps!r}: give a positive int, 'auto', or None for no bound")
         if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
             raise ConfigError(f"eps={eps!r}: give a small positive float such as 1e-8")
+        if metric not in METRICS:
+            raise ConfigError(f"metric={metric!r}: choose one of {sorted(METRICS)}")
         if nonfinite not in ("warn", "raise"):
             raise ConfigError(f"nonfinite={nonfinite!r}: choose 'warn' or 'raise'")
         if isinstance(include, str) or isinstance(exclude, str):
@@ -267,6 +287,7 @@ class Scheduler:
         self.policy = policy
         self.max_frozen_steps = max_frozen_steps
         self.eps = float(eps)
+        self.metric = metric
         self.nonfinite = nonfinite
         self.record = record
         self.seed = seed
@@ -545,8 +566,7 @@ class Scheduler:
             # Low-precision weights are compared in float32; temporaries are two copies of one layer.
             wide = torch.float32 if before.element_size() < 4 else before.dtype
             after, before = self.params[i].detach().to(wide), before.to(wide)
-            rel = (after - before).abs_().div_(before.abs_().add_(self.eps))
-            d = rel.mean(dtype=torch.float64)
+            d = METRICS[self.metric](before, after, self.params[i].grad, self.eps)
             if hasattr(d, "full_tensor"):  # a DTensor (FSDP2-sharded weight): the mean over every shard
                 d = d.full_tensor()
             changes[i] = d

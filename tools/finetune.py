@@ -174,7 +174,7 @@ def _progress(total: int, desc: str):
 
 def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, lr=2e-4, ratio=0.9,
              exclude=DEFAULT_EXCLUDE, frozen_state="keep", trim=False, weight_decay=0.01, progress=True,
-             max_frozen_steps="auto") -> dict:
+             max_frozen_steps="auto", metric="relative_change") -> dict:
     """Train every setting for ``steps`` interleaved steps under ``seed``; measure each. Returns
     ``{setting: result}`` plus ``"budget"`` details under ``"_budget"``."""
     data = task.data
@@ -206,7 +206,7 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
 
             def factory(m, o, policy=policy, bound=bound):
                 return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
-                                            seed=seed, **bound)
+                                            seed=seed, metric=metric, **bound)
         runs[name] = tasks.TrainRun(modules[name], data, batch=batch, lr=lr, seed=seed,
                                     weight_decay=weight_decay, trim=trim, scheduler=factory)
 
@@ -341,6 +341,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=["full", "ratio", "budget"])
     p.add_argument("--max-frozen-steps", type=_bound, default="auto",
                    help="the Ratio schedulers' staleness bound: auto (the default), none, or a number of iterations")
+    p.add_argument("--metric", choices=sorted(slimfit_fx.scheduler.METRICS), default="relative_change",
+                   help="the Scheduler's layer score (ratio and budget settings)")
     p.add_argument("--formats", choices=sorted(FORMATS), default="default",
                    help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
                         "min/max), SlimFitConfig.paper() (the paper's fixed-point formats), off() (no rewrite) "
@@ -385,7 +387,7 @@ def main(argv=None) -> int:
         task.config = FORMATS[args.formats]()
         per_seed[seed] = run_seed(task, seed, settings=args.settings, steps=args.steps, batch=args.batch, lr=args.lr,
                                   ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
-                                  max_frozen_steps=args.max_frozen_steps,
+                                  max_frozen_steps=args.max_frozen_steps, metric=args.metric,
                                   trim=args.trim, weight_decay=args.weight_decay, progress=not args.no_progress)
         for name in args.settings:
             r = per_seed[seed][name]

@@ -1,0 +1,54 @@
+"""Pattern: ``cross_entropy(linear(x, W, b))`` keeps ``x``, not the log-probabilities.
+
+Matches ``aten.cross_entropy_loss(logits, target)`` (no class weights, no label smoothing, mean or
+sum) whose logits are, through views and dtype casts, an ``aten.linear`` output with a parameter
+weight: a language-model head.  Emits ``ops.cross_entropy.linear_cross_entropy``, which computes
+the same loss from the same logits and recomputes them in chunks in backward.  The Linear stays
+(its output may be returned), so what it keeps while its weight trains is unchanged.
+"""
+from __future__ import annotations
+
+from slimfit_fx.analysis import Save, cast_source
+from slimfit_fx.extend import Fusion, register_pattern
+from slimfit_fx.ops.cross_entropy import linear_cross_entropy
+
+from ._walk import arg, is_op, through_views, value
+
+_REDUCTIONS = {1: "mean", 2: "sum"}
+
+
+def match(node, ctx):
+    if not (ctx.config.fuse_cross_entropy and is_op(node, "aten.cross_entropy_loss")):
+        return None
+    logits, target = node.args[0], node.args[1]
+    reduction = _REDUCTIONS.get(arg(node, 3, "reduction", 1))
+    if arg(node, 2, "weight") is not None or arg(node, 5, "label_smoothing", 0.0) != 0.0 or reduction is None:
+        return None
+    linear = through_views(logits)
+    if not is_op(linear, "aten.linear") or value(logits).dim() != 2:
+        return None
+    weight = arg(linear, 1, "weight")
+    if not ctx.is_param(weight):
+        return None
+    dtype = value(weight).dtype if cast_source(weight) is not None else None
+    weight = cast_source(weight) or weight
+    bias = arg(linear, 2, "bias")
+    if bias is not None and cast_source(bias) is not None:
+        bias = cast_source(bias)
+    args = (logits, linear.args[0], weight, bias, target)
+    kwargs = dict(reduction=reduction, ignore_index=arg(node, 4, "ignore_index", -100), dtype=dtype,
+                  logits_dtype=value(logits).dtype)
+    rows = value(logits).shape[0]
+
+    def saves(ctx):
+        out = [Save("arg", 1, (1, 2, 3), "lm_head_input"),
+               Save("new", 0, (1, 2, 3), "logsumexp", copy_bytes=int(rows) * 4, share="lse"),
+               Save("arg", 4, (1, 2, 3), "target")]
+        if reduction == "mean":
+            out.append(Save("new", 0, (1, 2, 3), "other", copy_bytes=4, share="count"))
+        return out
+
+    return Fusion(node, (), linear_cross_entropy, args, saves, kwargs, note="cross-entropy keeps no logits")
+
+
+register_pattern("cross_entropy", match)

@@ -1,0 +1,104 @@
+"""RMSNorm that keeps a pruned or quantized normalized input instead of the input.
+
+``y = x * rsqrt(mean(x^2) + eps)`` per row, then ``w * y.to(y_dtype)`` (LLaMA, Qwen, Mistral,
+Phi3) or, with ``offset``, ``y * (w.to(w_dtype) + offset)`` (Gemma's ``1 + w``).  The forward runs
+the very ops eager PyTorch runs, so its result is bit for bit the same.
+
+Kept for backward (read at run time, so the frozen set may change every step), besides 1/rms per
+row whenever ``x`` needs grad:
+
+* weight trains: ``y`` in ``fmt`` (quantized), which serves both gradients;
+* weight frozen, ``prune``: the top ``keep_ratio`` of ``|y|`` per row (values and int16/int32
+  column indices): grad_x = r * (g_y - y * mean(g_y * y)) needs ``y`` only in that last term;
+* weight frozen, no ``prune``: ``y`` in ``fmt``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _saved
+from .layernorm import keep_count
+
+
+def _normalize(x, eps):
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * rstd, rstd
+
+
+def _scale(y, weight, offset, w_dtype, y_dtype):
+    if offset is None:
+        return weight * y.to(y_dtype)
+    return y * (weight.to(w_dtype) + offset)
+
+
+def _top(y: torch.Tensor, keep_ratio: float):
+    row = y.shape[-1]
+    rows = y.reshape(-1, row)
+    index = rows.abs().topk(keep_count(row, keep_ratio), dim=-1, sorted=False).indices
+    values = rows.gather(-1, index)
+    return values, index.to(torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, w_dtype, y_dtype, prune, keep_ratio, fmt):
+        y, rstd = _normalize(x, eps)
+        out = _scale(y, weight, offset, w_dtype, y_dtype)
+        ctx.offset, ctx.w_dtype, ctx.y_dtype = offset, w_dtype, y_dtype
+        ctx.x_shape, ctx.y_dtype_saved = x.shape, y.dtype
+        ctx.pruned = not weight.requires_grad and prune
+        kept_rstd = rstd if x.requires_grad else None
+        if ctx.pruned:
+            values, index = _top(y, keep_ratio)
+            _saved.save(ctx, None, values, index, kept_rstd, weight)
+        else:
+            _saved.save(ctx, _saved.keep(y, _saved.fmt_from_args(fmt)), None, None, kept_rstd, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, values, index, rstd, weight = _saved.load(ctx)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gw = None
+        if need_w:
+            gw = _weight_grad(grad, y, weight, ctx)
+        if not need_x:
+            return None, gw, None, None, None, None, None, None, None
+        if ctx.offset is None:
+            gy = (grad * weight).to(ctx.y_dtype_saved)
+        else:
+            gy = grad * (weight.to(ctx.w_dtype) + ctx.offset)
+        gy = gy.reshape(-1, gy.shape[-1])
+        rstd = rstd.reshape(-1, 1)
+        if ctx.pruned:
+            values = values.to(gy.dtype)
+            c = (gy.gather(-1, index.long()) * values).sum(-1, keepdim=True).div_(gy.shape[-1])
+            gx = gy.mul(rstd)
+            gx.scatter_add_(-1, index.long(), values.mul_(rstd * c).neg_())
+        else:
+            y = y.reshape(gy.shape).to(gy.dtype)
+            gx = (gy - y * (gy * y).mean(-1, keepdim=True)).mul_(rstd)
+        return gx.reshape(ctx.x_shape), gw, None, None, None, None, None, None, None
+
+
+def _weight_grad(grad, y, weight, ctx):
+    if ctx.offset is None:
+        g = grad * y.to(ctx.y_dtype)
+    else:
+        g = grad * y.to(grad.dtype)
+    return g.reshape(-1, g.shape[-1]).sum(0).to(weight.dtype)
+
+
+def rms_norm(x, weight, eps, offset=None, w_dtype=None, y_dtype=None, prune=True, keep_ratio=0.1, fmt=None):
+    """The RMSNorm above; ``fmt`` is a ``QuantFormat`` as a tuple (``ops._saved.fmt_to_args``)."""
+    y_dtype = y_dtype or x.dtype
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _scale(_normalize(x, eps)[0], weight, offset, w_dtype, y_dtype)
+    return _RMSNorm.apply(x, weight, eps, offset, w_dtype, y_dtype, prune, keep_ratio, fmt)
+
+
+def pruned_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
+    """Bytes of the pruned save: ``keep_count`` values and column indices per row."""
+    index_bytes = 2 if row <= torch.iinfo(torch.int16).max else 4
+    return rows * keep_count(row, keep_ratio) * (dtype.itemsize + index_bytes)
+
