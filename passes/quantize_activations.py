@@ -1,9 +1,9 @@
 """Pass: keep quantized copies of saved activations; forward results unchanged.
 
 Matches, on the op table's roles (slimfit_fx.analysis):
-- ``aten.linear`` fed by a GELU (the FFN-out Linear): emits
+- ``aten.linear`` fed by a GELU or a gated product (the FFN-out Linear): emits
   ``ops.gated.gated_linear(x, W, b, fmt, dtype)``, keeping x in ``ffn_out_input_format``
-  while W trains (under autocast W and b are the parameters behind autocast's casts,
+  (``glu_down_input_format`` after a gated product) while W trains (under autocast W and b are the parameters behind autocast's casts,
   and ``dtype`` the cast's dtype: the op casts them itself);
 - ``aten.addmm(b, x, W)`` fed by a GELU (GPT-2's Conv1D FFN-out): emits
   ``gated_linear(x, W.t(), b, fmt, dtype)``, which runs the same addmm;
@@ -11,12 +11,12 @@ Matches, on the op table's roles (slimfit_fx.analysis):
   ``gelu_input_format``; a tanh GELU spelled out in ops
   (``analysis.match_tanh_gelu``, GPT-2's ``gelu_new``) becomes one
   ``ops.gelu.tanh_gelu_quantized`` node;
-- ``aten.scaled_dot_product_attention``: emits ``ops.attention.attention_quantized``
-  keeping Q/K, V and the softmax output in their formats, but only where
-  ``analysis.quantized_attention_wins`` says that keeps fewer bytes than the
-  kernel PyTorch would run (a fused kernel keeps no N x N matrix); the choice
-  is recorded in ``node.meta["slimfit"]`` for the report; a dropout mask is kept
-  as ``SlimFitConfig.dropout_mode`` says for the graph's device.
+- ``aten.scaled_dot_product_attention``, as ``analysis.attention_choice`` picks for its
+  shapes and device: ``ops.attention.attention_quantized`` (Q/K, V and the softmax output in
+  their formats; a dropout mask kept as ``SlimFitConfig.dropout_mode`` says),
+  ``ops.attention_fused.attention_fused_quantized`` (Q/K/V and the output quantized on
+  PyTorch's fused kernel, no N x N matrix), or left to PyTorch's kernel; the choice is
+  recorded in ``node.meta["slimfit"]`` for the report.
 A tensor whose dtype the formats do not take (float64) is left unquantized, with a
 note in ``node.meta["slimfit"]`` (``analysis.format_for`` prices it the same way).
 Rewrites ``gm`` in place and returns it.
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from torch import fx
 
-from slimfit_fx.analysis import format_for, match_tanh_gelu, produced_by_gelu, quantized_attention_wins, sdpa_backend
+from slimfit_fx.analysis import (attention_choice, ffn_input_format, ffn_producer, format_for, fused_kernel, match_tanh_gelu,
+                                 produced_by_gelu, sdpa_backend)
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention import attention_quantized
+from slimfit_fx.ops.attention_fused import attention_fused_quantized
 from slimfit_fx.ops.gated import gated_linear
 from slimfit_fx.ops.gelu import gelu_quantized, tanh_gelu_quantized
 
@@ -49,17 +51,23 @@ def _unquantized(node: fx.Node, what: str) -> None:
     node.meta.setdefault("slimfit", []).append(f"{what} kept unquantized: the formats do not take {dtype}")
 
 
+def _ffn_input_format(x: fx.Node, config: SlimFitConfig):
+    """The FFN-out input's format, or None (noted when the format is set but the dtype is not taken)."""
+    if not produced_by_gelu(x):
+        return None
+    fmt = ffn_input_format(x, config)
+    configured = config.ffn_out_input_format if ffn_producer(x) == "gelu" else config.glu_down_input_format
+    if fmt is None and configured is not None:
+        _unquantized(x, "FFN-out input")
+    return fmt
+
+
 def _ffn_out_linears(gm: fx.GraphModule, config: SlimFitConfig) -> None:
-    if config.ffn_out_input_format is None:
-        return
     note = "FFN-out input quantized while trainable"
     for node in nodes_of(gm, "aten.linear"):
         x = node.args[0]
-        if not produced_by_gelu(x):
-            continue
-        fmt = format_for(config.ffn_out_input_format, x)
+        fmt = _ffn_input_format(x, config)
         if fmt is None:
-            _unquantized(x, "FFN-out input")
             continue
         weight, dtype = weight_source(gm, node.args[1]) or (node.args[1], None)
         bias = bias_source(gm, arg(node, 2, "bias"), dtype)
@@ -67,11 +75,10 @@ def _ffn_out_linears(gm: fx.GraphModule, config: SlimFitConfig) -> None:
     for node in nodes_of(gm, "aten.addmm"):
         x = node.args[1]
         source = weight_source(gm, node.args[2])
-        if not produced_by_gelu(x) or source is None or node.kwargs:
+        if source is None or node.kwargs:
             continue
-        fmt = format_for(config.ffn_out_input_format, x)
+        fmt = _ffn_input_format(x, config)
         if fmt is None:
-            _unquantized(x, "FFN-out input")
             continue
         replace_call(node, gated_linear, addmm_as_linear(gm, node, *source) + (fmt_to_args(fmt), source[1]),
                      note=note)
@@ -103,7 +110,16 @@ def _gelus(gm: fx.GraphModule, config: SlimFitConfig) -> None:
 
 def _attention(gm: fx.GraphModule, config: SlimFitConfig) -> None:
     for node in nodes_of(gm, "aten.scaled_dot_product_attention"):
-        if not quantized_attention_wins(node, config):
+        choice = attention_choice(node, config)
+        if choice == "fused":
+            kwargs = dict(attn_mask=arg(node, 3, "attn_mask"), is_causal=arg(node, 5, "is_causal", False),
+                          scale=node.kwargs.get("scale"), backend=fused_kernel(node),
+                          qk_fmt=fmt_to_args(config.attn_qk_format), v_fmt=fmt_to_args(config.attn_v_format),
+                          o_fmt=fmt_to_args(format_for(config.attn_v_format, node)))
+            replace_call(node, attention_fused_quantized, tuple(node.args[:3]), kwargs,
+                         note=f"attention on the {fused_kernel(node)} kernel, Q/K/V/output quantized")
+            continue
+        if choice == "kernel":
             if config.quantizes_attention and format_for(config.attn_qk_format or config.attn_v_format
                                                          or config.attn_probs_format, node.args[0]) is None:
                 _unquantized(node.args[0], "attention")

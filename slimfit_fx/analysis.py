@@ -204,8 +204,8 @@ def _addmm(node, ctx):
     """addmm(bias, x, W) (GPT-2's Conv1D): like mm; fed by a GELU it is an FFN-out
     projection whose input the config may keep quantized while W trains."""
     saves = _mm_like(1, 2)(node, ctx)
-    fmt = format_for(ctx.config and ctx.config.ffn_out_input_format, _arg(node, 1))
-    ffn_out = produced_by_gelu(_arg(node, 1)) and ctx.is_param(_arg(node, 2))
+    fmt = ffn_input_format(_arg(node, 1), ctx.config, ctx.fused_op)
+    ffn_out = produced_by_gelu(_arg(node, 1), ctx.fused_op) and ctx.is_param(_arg(node, 2))
     if ffn_out:
         first = saves[0]
         copy = fmt.nbytes(_numel(_arg(node, 1))) if fmt is not None else None
@@ -260,7 +260,7 @@ def _linear(node, ctx):
         copy = _numel(_arg(node, 0)) * x.dtype.itemsize
     role = "ffn_out_input" if produced_by_gelu(_arg(node, 0), ctx.fused_op) else "linear_input"
     fmt_name = "full"
-    ffn_fmt = format_for(ctx.config and ctx.config.ffn_out_input_format, _arg(node, 0))
+    ffn_fmt = ffn_input_format(_arg(node, 0), ctx.config, ctx.fused_op)
     if role == "ffn_out_input" and ffn_fmt is not None:
         copy = ffn_fmt.nbytes(_numel(_arg(node, 0)))
         fmt_name = "ffn_out_input"
@@ -372,21 +372,35 @@ def returns_input(node) -> fx.Node | None:
     return None
 
 
-def produced_by_gelu(node, fused_op: Callable = lambda node: None) -> bool:
-    """Whether ``node`` is an FFN's hidden activation, looking through views (the FFN-out Linear
-    input): a GELU output, or the output of an op marked ``ffn_hidden`` (a gated MLP's product),
-    already in the graph or, by ``fused_op``, about to be fused into one."""
+def ffn_producer(node, fused_op: Callable = lambda node: None) -> str | None:
+    """``"gelu"`` or ``"glu"`` when ``node`` is an FFN's hidden activation, looking through views
+    (the FFN-out Linear input): a GELU output, or the output of an op marked ``ffn_hidden`` (a
+    gated MLP's product), already in the graph or, by ``fused_op``, about to be fused into one."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)
         if key == "aten.gelu" or match_tanh_gelu(node) is not None:
-            return True
+            return "gelu"
         if getattr(node.target, "ffn_hidden", False) or getattr(fused_op(node), "ffn_hidden", False):
-            return True
+            return "glu"
         if (key in _VIEW_OPS and key != "aten.dropout") or cast_source(node) is not None:
             node = node.args[0]
             continue
-        return False
-    return False
+        return None
+    return None
+
+
+def produced_by_gelu(node, fused_op: Callable = lambda node: None) -> bool:
+    """Whether ``node`` is an FFN's hidden activation (``ffn_producer``)."""
+    return ffn_producer(node, fused_op) is not None
+
+
+def ffn_input_format(node, config: SlimFitConfig | None, fused_op: Callable = lambda node: None):
+    """The format an FFN-out Linear keeps its input ``node`` in while it trains:
+    ``ffn_out_input_format`` after a GELU, ``glu_down_input_format`` after a gated product."""
+    producer = ffn_producer(node, fused_op)
+    if config is None or producer is None:
+        return None
+    return format_for(config.ffn_out_input_format if producer == "gelu" else config.glu_down_input_format, node)
 
 
 def _conv(node, ctx):
@@ -519,9 +533,44 @@ def _sdpa_choice(device, q, k, v, mask, dropout_p, is_causal, scale, gqa) -> str
 
 
 def _sdpa(node, ctx):
-    if ctx.config is not None and quantized_attention_wins(node, ctx.config, ctx):
+    choice = attention_choice(node, ctx.config, ctx) if ctx.config is not None else "kernel"
+    if choice == "core":
         return _sdpa_quantized(node, ctx.config)
+    if choice == "fused":
+        return _sdpa_fused_quantized(node, ctx.config)
     return _sdpa_plain(node, ctx)
+
+
+def fused_kernel(node) -> str | None:
+    """The fused kernel ``ops.attention_fused`` runs for this SDPA node, or None where it cannot
+    (dropout, grouped-query heads left to the kernel, a kernel it does not drive)."""
+    from .ops.attention_fused import kernel_for
+
+    if _arg(node, 4, "dropout_p", 0.0) > 0 or node.kwargs.get("enable_gqa", False):
+        return None
+    return kernel_for(_val(_arg(node, 0)).device.type, sdpa_backend(node))
+
+
+def _sdpa_fused_quantized(node, cfg: SlimFitConfig) -> list[Save]:
+    """``ops.attention_fused`` keeps Q, K, V (their formats) and the output (``attn_v_format``),
+    the log-sum-exp, and the mask as given: whenever recorded, as the kernels do."""
+    q = _val(_arg(node, 0))
+    rows = math.prod(_hint(s) for s in q.shape[:-1])
+
+    def kept(i, fmt, role):
+        if fmt is None:
+            return Save("arg", i, (), role)
+        return Save("arg", i, (), role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
+
+    saves = [kept(0, cfg.attn_qk_format, "attn_qk"), kept(1, cfg.attn_qk_format, "attn_qk"),
+             kept(2, cfg.attn_v_format, "attn_v")]
+    out_fmt = format_for(cfg.attn_v_format, node)
+    saves.append(Save("out", 0, (), "attn_output") if out_fmt is None else
+                 Save("new", 0, (), "attn_output", copy_bytes=out_fmt.nbytes(_numel(node)), share="out"))
+    saves.append(Save("new", 0, (), "attn_logsumexp", copy_bytes=rows * 4, share="lse"))
+    if isinstance(_arg(node, 3, "attn_mask"), fx.Node):
+        saves.append(Save("arg", 3, (), "attn_mask"))
+    return saves
 
 
 def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
@@ -626,18 +675,28 @@ def _saves_bytes(node: fx.Node, saves: list[Save]) -> int:
     return total
 
 
-def quantized_attention_wins(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> bool:
-    """Whether the quantized attention core keeps fewer bytes than the kernel PyTorch
-    picks (a fused kernel keeps no N x N matrix, so at long sequences it can win; a
-    mask that trains sends PyTorch to the math kernel, which keeps the matrix).
-    The attention pass and the prediction both ask this one function."""
+def attention_choice(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> str:
+    """How an SDPA node keeps its tensors: ``"kernel"`` (as PyTorch's kernel does), ``"core"``
+    (``ops.attention``: quantized Q/K/V and softmax output, an S x S matrix) or ``"fused"``
+    (``ops.attention_fused``: quantized Q/K/V/output on the fused kernel, no S x S matrix),
+    whichever keeps the fewest bytes for these shapes on this device.  A mask that trains sends
+    PyTorch to the math kernel and rules the fused path out.  The attention pass and the
+    prediction both ask this one function."""
     if not config.quantizes_attention or not accepts(_val(_arg(node, 0)).dtype):
-        return False
+        return "kernel"
     mask = _arg(node, 3, "attn_mask")
     trains = isinstance(mask, fx.Node) and (ctx.may_require_grad(mask) if ctx is not None else
                                             _depends_on_parameter(mask))
-    plain = _sdpa_kernel_saves(node, "math" if trains else sdpa_backend(node))
-    return _saves_bytes(node, _sdpa_quantized(node, config)) < _saves_bytes(node, plain)
+    costs = {"kernel": _saves_bytes(node, _sdpa_kernel_saves(node, "math" if trains else sdpa_backend(node))),
+             "core": _saves_bytes(node, _sdpa_quantized(node, config))}
+    if not trains and fused_kernel(node) is not None:
+        costs["fused"] = _saves_bytes(node, _sdpa_fused_quantized(node, config))
+    return min(costs, key=lambda c: (costs[c], c != "kernel"))
+
+
+def quantized_attention_wins(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> bool:
+    """Whether ``attention_choice`` keeps the quantized softmax core."""
+    return attention_choice(node, config, ctx) == "core"
 
 
 def _depends_on_parameter(node: fx.Node) -> bool:

@@ -97,7 +97,8 @@ class SlimFitConfig:
     ``recast_weights``: under autocast, Linear/Conv keep the parameter rather than its
     low-precision copy and cast it again in backward (eager PyTorch keeps the copy).
     Decoder patterns (``slimfit_fx.fusions``): ``fuse_gated_mlp`` keeps a gated MLP's gate in
-    ``gelu_input_format`` and its up-projection in ``glu_up_format``; ``fuse_rmsnorm`` keeps an
+    ``glu_gate_format`` (the GELU input's width), its up-projection in ``glu_up_format`` and, while
+    the down-projection trains, its input in ``glu_down_input_format``; ``fuse_rmsnorm`` keeps an
     RMSNorm's normalized input pruned while frozen (``prune_layernorm``, ``layernorm_keep_ratio``)
     and in ``norm_input_format`` while it trains; ``fuse_cross_entropy`` keeps a language-model
     head's input instead of its log-probabilities and recomputes the logits in backward.
@@ -113,7 +114,9 @@ class SlimFitConfig:
     layernorm_keep_ratio: float = 0.1
     dropout_masks: str = "auto"
     recast_weights: bool = True
+    glu_gate_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(4))
     glu_up_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
+    glu_down_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
     norm_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
     fuse_gated_mlp: bool = True
     fuse_rmsnorm: bool = True
@@ -139,13 +142,15 @@ class SlimFitConfig:
     def off(cls) -> "SlimFitConfig":
         """Every rewrite off: the compiled module computes exactly what the original does."""
         return cls(freeze_gate=False, **_formats(None, None, None, None, None), prune_layernorm=False,
-                   dropout_masks="full", recast_weights=False, glu_up_format=None, norm_input_format=None,
+                   dropout_masks="full", recast_weights=False, glu_gate_format=None, glu_up_format=None,
+                   glu_down_input_format=None, norm_input_format=None,
                    fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False)
 
     @classmethod
     def paper(cls) -> "SlimFitConfig":
         """The SlimFit paper's fixed-point formats (absolute steps: int8 at 1/16, the softmax
-        output at 1/256, 4-bit GELU input at 0.5).  They clip activations beyond their range
+        output at 1/256, 4-bit GELU input at 0.5); the tensors the paper has no format for (RMSNorm,
+        gated MLPs) keep the default ones.  They clip activations beyond their range
         (int8 at step 1/16 saturates at +-8): for models whose activations are of unit scale."""
         return cls(**_formats(QuantFormat.fixed(8, 1 / 16), QuantFormat.fixed(8, 1 / 16),
                               QuantFormat.fixed(8, 1 / 256, signed=False), QuantFormat.fixed(4, 0.5),

@@ -34,7 +34,7 @@ def register_rule(op, rule: Rule | None = None, *, replace: bool = False):
     """Declare what ``op`` keeps for backward: ``rule(node, ctx) -> list[Save]``.  ``op`` is an op
     overload or packet (``torch.ops.mylib.rms``) or its table key (``"mylib.rms"``).  Usable as a
     decorator.  An op already in the table needs ``replace=True``."""
-    key = op if isinstance(op, str) else op_key(op)
+    key = _table_key(op)
 
     def add(fn: Rule) -> Rule:
         if not callable(fn):
@@ -45,6 +45,16 @@ def register_rule(op, rule: Rule | None = None, *, replace: bool = False):
         return fn
 
     return add(rule) if rule is not None else add
+
+
+def _table_key(op) -> str:
+    """``"ns.name"`` of an op overload, an overload packet, a ``torch.library.custom_op`` or a key."""
+    if isinstance(op, str):
+        return op
+    qualified = getattr(op, "_qualified_op_name", None) or getattr(op, "_qualname", None)
+    if isinstance(qualified, str):  # OpOverloadPacket, CustomOpDef
+        return qualified.replace("::", ".")
+    return op_key(op)
 
 
 @dataclass

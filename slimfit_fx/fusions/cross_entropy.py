@@ -38,7 +38,10 @@ def match(node, ctx):
     args = (logits, linear.args[0], weight, bias, target)
     kwargs = dict(reduction=reduction, ignore_index=arg(node, 4, "ignore_index", -100), dtype=dtype,
                   logits_dtype=value(logits).dtype)
-    rows = value(logits).shape[0]
+    rows, vocab = value(logits).shape
+    x = value(linear.args[0])
+    if rows * vocab * value(logits).dtype.itemsize <= x.numel() * x.dtype.itemsize + rows * 4:
+        return None  # a narrow head (a classifier): its log-probabilities are cheaper to keep
 
     def saves(ctx):
         out = [Save("arg", 1, (1, 2, 3), "lm_head_input"),

@@ -3,7 +3,7 @@
 Matches ``aten.mul(a, up)`` (either order) where ``a`` is ``aten.silu(gate)`` or
 ``aten.gelu(gate)`` used only by the product: LLaMA, Qwen, Mistral (SwiGLU), Gemma (GeGLU), and
 Phi3's fused ``gate_up`` projection split in two.  Emits ``ops.glu.glu(gate, up, act, approximate,
-gate_fmt, up_fmt)``: the gate in ``SlimFitConfig.gelu_input_format`` (the activation-input width),
+gate_fmt, up_fmt)``: the gate in ``SlimFitConfig.glu_gate_format`` (the GELU input's width),
 the up-projection output in ``glu_up_format``.  The product stays an FFN hidden activation, so the
 down-projection keeps it in ``ffn_out_input_format`` while it trains (``quantize_activations``).
 """
@@ -41,7 +41,7 @@ def match(node, ctx):
             continue
         act = "silu" if is_op(a, "aten.silu") else "gelu"
         approximate = arg(a, 1, "approximate", "none") if act == "gelu" else "none"
-        gate_fmt = format_for(config.gelu_input_format, gate)
+        gate_fmt = format_for(config.glu_gate_format, gate)
         up_fmt = format_for(config.glu_up_format, up)
 
         def saves(ctx, gate=gate, up=up, gate_fmt=gate_fmt, up_fmt=up_fmt):

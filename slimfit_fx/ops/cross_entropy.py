@@ -42,9 +42,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, bias, lse, target, count = _saved.load(ctx)
         w, b = _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
-        rows = x.reshape(-1, x.shape[-1])
+        rows = _cast(x.reshape(-1, x.shape[-1]), ctx.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]
-        gx = torch.empty_like(rows) if need_x else None
+        gx = torch.empty(rows.shape, dtype=x.dtype, device=x.device) if need_x else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         gb = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_b and b is not None else None
         scale = grad.to(torch.float32) if count is None else grad.to(torch.float32) / count
@@ -76,8 +76,8 @@ def _loss_and_lse(logits, target, reduction, ignore_index):
 
 def linear_cross_entropy(logits, x, weight, bias, target, reduction="mean", ignore_index=-100, dtype=None,
                          logits_dtype=None):
-    """``F.cross_entropy(logits, target)`` where ``logits = linear(x, weight, bias)`` (cast to
-    ``dtype`` first under autocast, the result cast to ``logits_dtype``), keeping only ``x``."""
+    """``F.cross_entropy(logits, target)`` where ``logits = linear(x, weight, bias)`` (all three cast
+    to ``dtype`` first under autocast, the result cast to ``logits_dtype``), keeping only ``x``."""
     needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs:
         return F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index)
