@@ -56,7 +56,7 @@ def _ffn_input_format(x: fx.Node, config: SlimFitConfig):
     if not produced_by_gelu(x):
         return None
     fmt = ffn_input_format(x, config)
-    configured = config.ffn_out_input_format if ffn_producer(x) == "gelu" else config.glu_down_input_format
+    configured = config.glu_down_input_format if ffn_producer(x) == "glu" else config.ffn_out_input_format
     if fmt is None and configured is not None:
         _unquantized(x, "FFN-out input")
     return fmt

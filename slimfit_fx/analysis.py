@@ -373,15 +373,17 @@ def returns_input(node) -> fx.Node | None:
 
 
 def ffn_producer(node, fused_op: Callable = lambda node: None) -> str | None:
-    """``"gelu"`` or ``"glu"`` when ``node`` is an FFN's hidden activation, looking through views
-    (the FFN-out Linear input): a GELU output, or the output of an op marked ``ffn_hidden`` (a
-    gated MLP's product), already in the graph or, by ``fused_op``, about to be fused into one."""
+    """``"gelu"``, ``"relu"`` or ``"glu"`` when ``node`` is an FFN's hidden activation, looking through
+    views (the FFN-out Linear input): a GELU output, or the output of an op whose ``ffn_hidden``
+    names its kind (ReLU bits, a gated MLP's product), already in the graph or, by ``fused_op``,
+    about to be fused into one."""
     while isinstance(node, fx.Node) and node.op == "call_function":
         key = op_key(node.target)
         if key == "aten.gelu" or match_tanh_gelu(node) is not None:
             return "gelu"
-        if getattr(node.target, "ffn_hidden", False) or getattr(fused_op(node), "ffn_hidden", False):
-            return "glu"
+        kind = getattr(node.target, "ffn_hidden", None) or getattr(fused_op(node), "ffn_hidden", None)
+        if kind:
+            return kind
         if (key in _VIEW_OPS and key != "aten.dropout") or cast_source(node) is not None:
             node = node.args[0]
             continue
@@ -396,11 +398,11 @@ def produced_by_gelu(node, fused_op: Callable = lambda node: None) -> bool:
 
 def ffn_input_format(node, config: SlimFitConfig | None, fused_op: Callable = lambda node: None):
     """The format an FFN-out Linear keeps its input ``node`` in while it trains:
-    ``ffn_out_input_format`` after a GELU, ``glu_down_input_format`` after a gated product."""
+    ``ffn_out_input_format`` after a GELU or ReLU, ``glu_down_input_format`` after a gated product."""
     producer = ffn_producer(node, fused_op)
     if config is None or producer is None:
         return None
-    return format_for(config.ffn_out_input_format if producer == "gelu" else config.glu_down_input_format, node)
+    return format_for(config.glu_down_input_format if producer == "glu" else config.ffn_out_input_format, node)
 
 
 def _conv(node, ctx):

@@ -15,19 +15,13 @@ import torch
 from torch import fx, nn
 
 from .analysis import analyze_graph
+from .extend import pipeline
 from .config import SlimFitConfig
 from .memory import MemoryPlan
 from .precision import autocast_disabled, autocast_state
 from .trace import TraceError, _class_forward, _share_with_model, normalize_inputs, shape_signature, trace
 
 __all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "SlimFitModule"]
-
-
-def _passes():
-    """The registered rewrites in their declared order (``slimfit_fx.extend.pipeline``)."""
-    from .extend import pipeline
-
-    return [fn for _, fn in pipeline()]
 
 
 def plan_for_graph(gm, config: SlimFitConfig | None = None, model: nn.Module | None = None) -> MemoryPlan:
@@ -147,7 +141,7 @@ class SlimFitModule(nn.Module):
                 raise
             return self._capture_backbone(backbone, exc, args, kwargs)
         plan = plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
-        for rewrite in _passes():
+        for _, rewrite in pipeline():
             gm = rewrite(gm, self.slimfit_config)
         if dynamic:
             self._graphs[_structure(args, kwargs)] = gm

@@ -101,7 +101,8 @@ class SlimFitConfig:
     the down-projection trains, its input in ``glu_down_input_format``; ``fuse_rmsnorm`` keeps an
     RMSNorm's normalized input pruned while frozen (``prune_layernorm``, ``layernorm_keep_ratio``)
     and in ``norm_input_format`` while it trains; ``fuse_cross_entropy`` keeps a language-model
-    head's input instead of its log-probabilities and recomputes the logits in backward.
+    head's input instead of its log-probabilities and recomputes the logits in backward;
+    ``relu_bits`` keeps a ReLU's sign bits instead of its output.
     """
 
     freeze_gate: bool = True
@@ -121,6 +122,7 @@ class SlimFitConfig:
     fuse_gated_mlp: bool = True
     fuse_rmsnorm: bool = True
     fuse_cross_entropy: bool = True
+    relu_bits: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -144,7 +146,7 @@ class SlimFitConfig:
         return cls(freeze_gate=False, **_formats(None, None, None, None, None), prune_layernorm=False,
                    dropout_masks="full", recast_weights=False, glu_gate_format=None, glu_up_format=None,
                    glu_down_input_format=None, norm_input_format=None,
-                   fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False)
+                   fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False, relu_bits=False)
 
     @classmethod
     def paper(cls) -> "SlimFitConfig":

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import networkx as nx
+import torch
 from torch import fx
 
 from .analysis import OP_TABLE, VIEW_OPS, OpContext, Rule, Save, cast_source, op_key
@@ -164,7 +165,7 @@ def pipeline() -> list[tuple[str, Callable]]:
 
 def graph_context(gm: fx.GraphModule, config) -> OpContext:
     """The context patterns match in: ``is_param`` follows views and dtype casts to an
-    ``nn.Parameter`` of ``gm``.  The analysis and the fuse pass both match through it, so they
+    ``nn.Parameter`` of ``gm``; ``may_require_grad`` says whether a parameter reaches a node.  The analysis and the fuse pass both match through it, so they
     find the same fusions."""
     params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
 
@@ -178,7 +179,15 @@ def graph_context(gm: fx.GraphModule, config) -> OpContext:
             node = node.args[0]
         return False
 
-    return OpContext(config=config, is_param=is_param)
+    # Nodes that require grad under some frozen set: those a parameter reaches through float ops.
+    reachable: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+        if (node.op == "get_attr" and node.target in params) or (
+                node.op == "call_function" and floating and any(a in reachable for a in node.all_input_nodes)):
+            reachable.add(node)
+    return OpContext(config=config, is_param=is_param, may_require_grad=lambda node: node in reachable)
 
 
 def find_fusions(gm: fx.GraphModule, config) -> dict[str, Fusion]:

@@ -231,7 +231,11 @@ class Scheduler:
     so it trains again soon, rather than as unchanged.  ``frozen_state``:
     ``"keep"`` (optimizer state stays where it is), ``"offload"`` (frozen layers'
     state moves to host memory, exact) or ``"compress"`` (8-bit blockwise while
-    frozen, lossy).  ``eps``: added to ``|W|`` in the metric.  ``seed``: the
+    frozen, lossy).  ``metric``: how a trained layer is scored, ``"relative_change"`` (the paper's
+    mean ``|dW| / (|W| + eps)``) or ``"loss_drop"`` (``-sum(grad * dW)``, the first-order loss
+    decrease the step bought; under Adam, where every weight moves by about the learning rate, it
+    ranks layers by what they do for the loss rather than by ``1 / |W|``; see docs/ACCURACY.md for
+    what each does to accuracy and memory).  ``eps``: added to ``|W|`` in the paper's metric.  ``seed``: the
     random initial scores (the first iterations sweep all layers in random
     order).  ``record``: keep the frozen set of every iteration in ``history``.
     ``nonfinite``: ``"warn"`` (keep the layer's last score) or ``"raise"`` when a

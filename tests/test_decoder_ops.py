@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from slimfit_fx import QuantFormat
 from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.ops.attention_eager import eager_attention_quantized
 from slimfit_fx.ops.attention_fused import attention_fused_quantized
 from slimfit_fx.ops.cross_entropy import linear_cross_entropy
 from slimfit_fx.ops.glu import glu
@@ -85,7 +86,8 @@ def test_glu_matches_eager(dtype, act, approximate, fmts):
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("frozen_head", [False, True])
-def test_linear_cross_entropy_matches_eager(reduction, autocast, frozen_head, monkeypatch):
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_linear_cross_entropy_matches_eager(reduction, autocast, frozen_head, softcap, monkeypatch):
     import slimfit_fx.ops.cross_entropy as ce
 
     monkeypatch.setattr(ce, "CHUNK_ELEMENTS", 97 * 5)  # several backward chunks, the last one short
@@ -97,9 +99,11 @@ def test_linear_cross_entropy_matches_eager(reduction, autocast, frozen_head, mo
     target[3] = target[7] = -100
     dtype = torch.bfloat16 if autocast else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = F.linear(x, w, b).float().view(-1, 97)
+        z = F.linear(x, w, b)
+        z = z if softcap is None else torch.tanh(z / softcap) * softcap
+        logits = z.float().view(-1, 97)
         ref = F.cross_entropy(logits, target, reduction=reduction)
-        out = linear_cross_entropy(logits.detach(), x, w, b, target, reduction, -100, dtype, torch.float32)
+        out = linear_cross_entropy(logits.detach(), x, w, b, target, reduction, -100, dtype, torch.float32, softcap)
     assert torch.equal(out, ref)
     tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
     for got, want in zip(_grads(out, [x, w, b], None), _grads(ref, [x, w, b], None)):
@@ -130,3 +134,30 @@ def test_fused_attention_matches_eager(dtype, mask):
     assert torch.equal(out, ref)
     for a, b in zip(_grads(out, [q, k, v], g), want):
         assert cosine(a, b) > 0.999
+
+
+def hf_eager_attention(q, k, v, mask, scaling, softcap):
+    s = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if mask is not None:
+        s = s + mask
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("fmts", ["exact", "quantized"])
+def test_eager_attention_matches_eager(dtype, softcap, masked, fmts):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 19, 8, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = torch.randn(2, 1, 19, 19, dtype=dtype) if masked else None
+    ref = hf_eager_attention(q, k, v, mask, 0.3, softcap)
+    args = (None, None, None) if fmts == "exact" else (INT8, INT8, INT8)
+    out = eager_attention_quantized(q, k, v, mask, 0.3, softcap, *args)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    for a, b in zip(_grads(out, [q, k, v], g), _grads(ref, [q, k, v], g)):
+        assert a.dtype == b.dtype
+        assert cosine(a, b) > (0.999 if fmts == "exact" and dtype == torch.float32 else 0.99)

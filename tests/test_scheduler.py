@@ -482,3 +482,19 @@ def test_a_state_saved_with_a_new_head_names_the_fix_when_the_head_is_no_longer_
     sched = Scheduler(reloaded, torch.optim.SGD(reloaded.parameters(), lr=0.1), Ratio(0.5))
     with pytest.raises(SchedulerError, match="keep_new=False"):
         sched.load_state_dict(saved)
+
+
+def test_loss_drop_metric_scores_the_first_order_loss_decrease():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Scheduler(model, opt, Ratio(0.5), metric="loss_drop", max_frozen_steps=None)
+    x = torch.randn(16, 4)
+    model(x).square().mean().backward()
+    trained = [i for i, name in enumerate(sched.layers) if name not in sched.frozen]
+    expected = {i: 0.1 * float(sched.params[i].grad.square().sum()) for i in trained}  # SGD: dW = -lr * g
+    opt.step()
+    for i, value in expected.items():
+        assert sched.scores[i].item() == pytest.approx(value, rel=1e-5)
+    with pytest.raises(ConfigError, match="metric"):
+        Scheduler(model, opt, Ratio(0.5), metric="size")

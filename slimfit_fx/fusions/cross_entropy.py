@@ -1,7 +1,8 @@
 """Pattern: ``cross_entropy(linear(x, W, b))`` keeps ``x``, not the log-probabilities.
 
 Matches ``aten.cross_entropy_loss(logits, target)`` (no class weights, no label smoothing, mean or
-sum) whose logits are, through views and dtype casts, an ``aten.linear`` output with a parameter
+sum) whose logits are, through views and dtype casts (and a soft cap ``tanh(z / c) * c``), an
+``aten.linear`` output with a parameter
 weight: a language-model head.  Emits ``ops.cross_entropy.linear_cross_entropy``, which computes
 the same loss from the same logits and recomputes them in chunks in backward.  The Linear stays
 (its output may be returned), so what it keeps while its weight trains is unchanged.
@@ -17,6 +18,16 @@ from ._walk import arg, is_op, through_views, value
 _REDUCTIONS = {1: "mean", 2: "sum"}
 
 
+def _softcap(node):
+    """``(logits, cap)`` when ``node`` is ``tanh(logits / cap) * cap`` (Gemma2's final soft cap)."""
+    if not (is_op(node, "aten.mul") and isinstance(node.args[1], (int, float)) and is_op(node.args[0], "aten.tanh")):
+        return None
+    div = node.args[0].args[0]
+    if is_op(div, "aten.div") and div.args[1] == node.args[1]:
+        return div.args[0], float(node.args[1])
+    return None
+
+
 def match(node, ctx):
     if not (ctx.config.fuse_cross_entropy and is_op(node, "aten.cross_entropy_loss")):
         return None
@@ -24,7 +35,10 @@ def match(node, ctx):
     reduction = _REDUCTIONS.get(arg(node, 3, "reduction", 1))
     if arg(node, 2, "weight") is not None or arg(node, 5, "label_smoothing", 0.0) != 0.0 or reduction is None:
         return None
-    linear = through_views(logits)
+    linear, softcap = through_views(logits), None
+    capped = _softcap(linear)
+    if capped is not None:
+        linear, softcap = through_views(capped[0]), capped[1]
     if not is_op(linear, "aten.linear") or value(logits).dim() != 2:
         return None
     weight = arg(linear, 1, "weight")
@@ -37,7 +51,7 @@ def match(node, ctx):
         bias = cast_source(bias)
     args = (logits, linear.args[0], weight, bias, target)
     kwargs = dict(reduction=reduction, ignore_index=arg(node, 4, "ignore_index", -100), dtype=dtype,
-                  logits_dtype=value(logits).dtype)
+                  logits_dtype=value(logits).dtype, softcap=softcap)
     rows, vocab = value(logits).shape
     x = value(linear.args[0])
     if rows * vocab * value(logits).dtype.itemsize <= x.numel() * x.dtype.itemsize + rows * 4:

@@ -21,7 +21,7 @@ so the backend
    ``L['self']._modules['bert']...._parameters['weight']`` -> ``bert....weight``),
    so the graph looks exactly like ``trace``'s to the analysis and the passes;
 3. runs the analysis (``plan_for_graph``: a MemoryPlan per graph) and
-   ``compiler._passes()``: one implementation of the rewrites for both paths;
+   ``extend.pipeline()``: one implementation of the rewrites for both paths;
 4. turns the ``get_attr`` nodes back into the original placeholders and returns
    a callable that runs the rewritten graph eagerly.
 
@@ -108,7 +108,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
-from ..compiler import SlimFitModule, _passes, plan_for_graph
+from ..compiler import SlimFitModule, plan_for_graph
+from ..extend import pipeline
 from ..config import SlimFitConfig
 from ..precision import autocast_disabled, autocast_state, materialize_autocast
 from ..trace import normalize_inputs, shape_signature, trace
@@ -343,7 +344,7 @@ def _requires_grad(example_inputs) -> tuple:
 
 
 class SlimFitBackend:
-    """A dynamo backend: lower to ATen training IR, analyse, run ``compiler._passes()``, return a
+    """A dynamo backend: lower to ATen training IR, analyse, run ``extend.pipeline()``, return a
     ``CompiledGraph`` that runs the rewritten graph eagerly.
 
     ``config``: ``SlimFitConfig`` (default: the paper's formats).  ``on_compile``: called with each
@@ -383,7 +384,7 @@ class SlimFitBackend:
         lifted_names = {node: attr.target for node, attr in lifted.pairs}
         try:
             plan = plan_for_graph(lowered, self.config)
-            for rewrite in _passes():
+            for _, rewrite in pipeline():
                 lowered = rewrite(lowered, self.config)
             notes = [f"{n.name}: {note}" for n in lowered.graph.nodes for note in n.meta.get("slimfit", [])]
         finally:

@@ -29,9 +29,9 @@ def _cast(t, dtype):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, x, weight, bias, target, reduction, ignore_index, dtype, logits_dtype):
+    def forward(ctx, logits, x, weight, bias, target, reduction, ignore_index, dtype, logits_dtype, softcap):
         loss, lse = _loss_and_lse(logits, target, reduction, ignore_index)
-        ctx.ignore_index, ctx.dtype, ctx.logits_dtype = ignore_index, dtype, logits_dtype
+        ctx.ignore_index, ctx.dtype, ctx.logits_dtype, ctx.softcap = ignore_index, dtype, logits_dtype, softcap
         ctx.x_shape, ctx.dtypes = x.shape, (weight.dtype, None if bias is None else bias.dtype)
         # The mean's divisor as a tensor: reading it on the host would synchronise a GPU every step.
         count = (target != ignore_index).sum().clamp_(min=1).float() if reduction == "mean" else None
@@ -51,12 +51,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         step = chunk_rows(w.shape[0])
         for start in range(0, rows.shape[0], step):
             xc, tc = rows[start:start + step], target[start:start + step]
-            logits = F.linear(xc, w, b).to(ctx.logits_dtype)
+            z = F.linear(xc, w, b)
+            t = None if ctx.softcap is None else torch.tanh(z / ctx.softcap)
+            logits = (z if t is None else t * ctx.softcap).to(ctx.logits_dtype)
             g = logits.float().sub_(lse[start:start + step, None]).exp_()
             valid = (tc != ctx.ignore_index).unsqueeze(1)
             g.scatter_add_(1, tc.clamp(min=0).unsqueeze(1), valid.float().neg())
             g.mul_(valid).mul_(scale)
-            g = g.to(logits.dtype).to(w.dtype)
+            g = g.to(logits.dtype).to(z.dtype)
+            if t is not None:  # d(c * tanh(z / c)) / dz
+                g = g * (1 - t * t)
+            g = g.to(w.dtype)
             if gx is not None:
                 gx[start:start + step] = g @ w
             if gw is not None:
@@ -66,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gx = None if gx is None else gx.reshape(ctx.x_shape)
         gw = None if gw is None else gw.to(ctx.dtypes[0])
         gb = None if gb is None else gb.to(ctx.dtypes[1])
-        return None, gx, gw, gb, None, None, None, None, None
+        return None, gx, gw, gb, None, None, None, None, None, None
 
 
 def _loss_and_lse(logits, target, reduction, ignore_index):
@@ -75,11 +80,12 @@ def _loss_and_lse(logits, target, reduction, ignore_index):
 
 
 def linear_cross_entropy(logits, x, weight, bias, target, reduction="mean", ignore_index=-100, dtype=None,
-                         logits_dtype=None):
+                         logits_dtype=None, softcap=None):
     """``F.cross_entropy(logits, target)`` where ``logits = linear(x, weight, bias)`` (all three cast
-    to ``dtype`` first under autocast, the result cast to ``logits_dtype``), keeping only ``x``."""
+    to ``dtype`` first under autocast, soft-capped as ``tanh(z / softcap) * softcap`` when given, the
+    result cast to ``logits_dtype``), keeping only ``x``."""
     needs = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if not needs:
         return F.cross_entropy(logits, target, reduction=reduction, ignore_index=ignore_index)
     return _LinearCrossEntropy.apply(logits, x, weight, bias, target, reduction, ignore_index, dtype,
-                                     logits_dtype or logits.dtype)
+                                     logits_dtype or logits.dtype, softcap)

@@ -54,4 +54,4 @@ def glu(gate, up, act="silu", approximate="none", gate_fmt=None, up_fmt=None):
     return _GLU.apply(gate, up, act, approximate, gate_fmt, up_fmt)
 
 
-glu.ffn_hidden = True  # its output is an FFN's hidden activation: the down-projection's input
+glu.ffn_hidden = "glu"  # its output is an FFN's hidden activation: the down-projection's input
