@@ -945,6 +945,7 @@ class GraphAnalysis:
     graph: nx.DiGraph
     config: SlimFitConfig | None
     aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter name -> canonical name
+    transients: dict[str, tuple] = field(default_factory=dict)  # node -> (forward, backward) bytes a fusion declares
     device: str = "cpu"  # the device type the graph's tensors live on
 
     def requires_grad(self, trainable: set[str]) -> dict[str, bool]:
@@ -1198,5 +1199,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         parameters=param_info, layers=layers, storages=storages, uses=uses, unknown_ops=unknown,
         node_inputs=node_inputs, node_kind=node_kind, float_out=float_out, order=order, layer_op=layer_op,
         ln_weight=ln_weight, graph=graph, config=config, aliases={k: v for k, v in canonical.items() if k != v},
+        transients={k: (f.forward_bytes, f.backward_bytes) for k, f in fusions.items()
+                    if f.forward_bytes is not None or f.backward_bytes is not None},
         device=next((v.device.type for n in gm.graph.nodes if (v := _val(n)) is not None), "cpu"),
     )

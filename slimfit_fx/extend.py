@@ -74,6 +74,10 @@ class Fusion:
     kwargs: dict = field(default_factory=dict)
     note: str = ""
     pattern: str = ""
+    # Working memory beyond what it keeps, for the peak model: the forward's (with its output) and
+    # the backward's (with the gradients it returns).  None: the generic estimate.
+    forward_bytes: int | None = None
+    backward_bytes: int | None = None
 
     def self_contained(self) -> bool:
         """Whether every inner node is used only inside the match, or by a metadata assertion

@@ -494,10 +494,15 @@ def _peak(a: GraphAnalysis, trainable: set[str], active: list, optimizer: str, i
         grads_from[i] = grads_from[i + 1] + grads_at[i]
     grads = grads_from[0]
 
+    for node, (fwd, _) in a.transients.items():  # a fusion's declared forward working memory
+        if fwd is not None and node in pos:
+            forward = max(forward, born[pos[node]] + fwd)
     backward, where = 0, ""
     for node, uses in by_node.items():
         i = pos[node]
-        w = _backward_transients(a, node, uses, all_by_node[node], target.get(node), rg)
+        declared = a.transients.get(node, (None, None))[1]
+        w = declared if declared is not None else _backward_transients(a, node, uses, all_by_node[node],
+                                                                         target.get(node), rg)
         here = saved_upto[i] + grads_from[i] + w
         if here > backward:
             backward, where = here, node
@@ -540,7 +545,7 @@ def _backward_transients(a: GraphAnalysis, node: str, uses: list, all_uses: list
         if kind == "input" or st.dtype not in _FLOATS:
             continue
         full = _full_bytes(st)
-        if full == st.nbytes and any(u.fmt == "ln_pruned" for u in uses if u.storage == sid):
+        if full == st.nbytes and any(u.fmt in ("ln_pruned", "norm_pruned") for u in uses if u.storage == sid):
             full = _node_full(a, all_uses)  # pruned LayerNorm: x_hat is rebuilt at the input's size
         if full > st.nbytes:
             deq += full

@@ -82,13 +82,17 @@ def compare(model, inputs, seed: int, breakdown: bool = False) -> dict:
     return out
 
 
+def _size(n: int) -> str:
+    return f"{n / MiB:.2f} MiB" if n >= MiB else f"{n / 1024:.1f} KiB"
+
+
 def _row(name: str, r: dict) -> list:
     exact = "exact" if r["predicted"] == r["slimfit"] else f"{100 * (r['predicted'] / r['slimfit'] - 1):+.2f}%"
-    return [name, f"{r['frozen']}/{r['layers']}", f"{r['plain_freeze'] / MiB:.2f}", f"{r['slimfit'] / MiB:.2f}",
+    return [name, f"{r['frozen']}/{r['layers']}", _size(r["plain_freeze"]), _size(r["slimfit"]),
             f"{r['plain_freeze'] / r['slimfit']:.2f}x", exact]
 
 
-HEADERS = ["model", "frozen", "plain + freezing MiB", "slimfit_fx MiB", "saved lower by", "prediction"]
+HEADERS = ["model", "frozen", "plain + freezing", "slimfit_fx", "saved lower by", "prediction"]
 
 
 def main(argv=None) -> int:

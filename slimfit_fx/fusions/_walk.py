@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from slimfit_fx.analysis import VIEW_OPS, cast_source, op_key
+from slimfit_fx.analysis import VIEW_OPS, _hint, cast_source, op_key
 
 
 def is_op(node, *keys: str) -> bool:
@@ -24,6 +24,15 @@ def arg(node: fx.Node, i: int, name: str, default=None):
     if i < len(node.args):
         return node.args[i]
     return node.kwargs.get(name, default)
+
+
+def numel(node) -> int:
+    """Elements of a node's value at its example shape (symbolic sizes by their hint)."""
+    return _hint(value(node).numel())
+
+
+def size(node, dim: int) -> int:
+    return _hint(value(node).shape[dim])
 
 
 def value(node):

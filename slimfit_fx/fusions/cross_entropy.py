@@ -9,11 +9,13 @@ the same loss from the same logits and recomputes them in chunks in backward.  T
 """
 from __future__ import annotations
 
+import torch
+
 from slimfit_fx.analysis import Save, cast_source
 from slimfit_fx.extend import Fusion, register_pattern
-from slimfit_fx.ops.cross_entropy import linear_cross_entropy
+from slimfit_fx.ops.cross_entropy import chunk_rows, linear_cross_entropy
 
-from ._walk import arg, is_op, through_views, value
+from ._walk import arg, is_op, numel, size, through_views, value
 
 _REDUCTIONS = {1: "mean", 2: "sum"}
 
@@ -52,20 +54,27 @@ def match(node, ctx):
     args = (logits, linear.args[0], weight, bias, target)
     kwargs = dict(reduction=reduction, ignore_index=arg(node, 4, "ignore_index", -100), dtype=dtype,
                   logits_dtype=value(logits).dtype, softcap=softcap)
-    rows, vocab = value(logits).shape
-    x = value(linear.args[0])
-    if rows * vocab * value(logits).dtype.itemsize <= x.numel() * x.dtype.itemsize + rows * 4:
+    rows, vocab = size(logits, 0), size(logits, 1)
+    x_bytes = numel(linear.args[0]) * value(linear.args[0]).dtype.itemsize
+    if rows * vocab * value(logits).dtype.itemsize <= x_bytes + rows * 4:
         return None  # a narrow head (a classifier): its log-probabilities are cheaper to keep
 
     def saves(ctx):
         out = [Save("arg", 1, (1, 2, 3), "lm_head_input"),
-               Save("new", 0, (1, 2, 3), "logsumexp", copy_bytes=int(rows) * 4, share="lse"),
+               Save("new", 0, (1, 2, 3), "logsumexp", copy_bytes=rows * 4, share="lse"),
                Save("arg", 4, (1, 2, 3), "target")]
         if reduction == "mean":
             out.append(Save("new", 0, (1, 2, 3), "other", copy_bytes=4, share="count"))
         return out
 
-    return Fusion(node, (), linear_cross_entropy, args, saves, kwargs, note="cross-entropy keeps no logits")
+    logits_bytes = rows * vocab * value(logits).dtype.itemsize
+    chunk = min(rows, chunk_rows(vocab)) * vocab * 4
+    copies = 1 + (value(logits).dtype != torch.float32) + 2 * (softcap is not None)
+    # forward: the logits and one rows x vocab temporary (log-softmax, then exp for the log-sum-exp);
+    # backward: a chunk's probabilities (a float copy for low-precision logits, the soft cap's two
+    # temporaries), the input's gradient and one chunk of it
+    return Fusion(node, (), linear_cross_entropy, args, saves, kwargs, note="cross-entropy keeps no logits",
+                  forward_bytes=2 * logits_bytes, backward_bytes=copies * chunk + 2 * x_bytes)
 
 
 register_pattern("cross_entropy", match)

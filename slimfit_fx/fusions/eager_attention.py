@@ -13,7 +13,7 @@ from slimfit_fx.extend import Fusion, register_pattern
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention_eager import eager_attention_quantized
 
-from ._walk import arg, is_op, value
+from ._walk import arg, is_op, numel, value
 
 
 def _scalar_op(node, key):
@@ -77,13 +77,13 @@ def match(node, ctx):
         return None
     qk_fmt, v_fmt = format_for(config.attn_qk_format, q), format_for(config.attn_v_format, v)
     p_fmt = format_for(config.attn_probs_format, softmax)
-    probs_numel = int(value(softmax).numel())
+    probs_numel = numel(softmax)
     probs_item = value(node.args[0]).dtype.itemsize
 
     def kept(i, fmt, node_, role, when):
         if fmt is None:
             return Save("arg", i, when, role)
-        return Save("arg", i, when, role, copy_bytes=fmt.nbytes(int(value(node_).numel())), fmt="q")
+        return Save("arg", i, when, role, copy_bytes=fmt.nbytes(numel(node_)), fmt="q")
 
     def saves(ctx):
         probs = p_fmt.nbytes(probs_numel) if p_fmt is not None else probs_numel * probs_item

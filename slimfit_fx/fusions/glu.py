@@ -14,17 +14,13 @@ from slimfit_fx.extend import Fusion, register_pattern
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.glu import glu
 
-from ._walk import arg, is_op, value
-
-
-def _numel(node) -> int:
-    return int(value(node).numel())
+from ._walk import arg, is_op, numel, value
 
 
 def _keep(index, fmt, node, when, role, share):
     if fmt is None:
         return Save("arg", index, when, role)
-    return Save("new", 0, when, role, copy_bytes=fmt.nbytes(_numel(node)), share=share, fmt=role)
+    return Save("arg", index, when, role, copy_bytes=fmt.nbytes(numel(node)), share=share, fmt=role)
 
 
 def match(node, ctx):

@@ -13,7 +13,7 @@ from slimfit_fx.extend import Fusion, register_pattern
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.rmsnorm import pruned_bytes, rms_norm
 
-from ._walk import arg, is_op, value
+from ._walk import arg, is_op, numel, size, value
 
 
 def _normalized(y):
@@ -69,12 +69,13 @@ def match(node, ctx):
         return None
     fmt = format_for(config.norm_input_format, y)
     prune, keep_ratio = config.prune_layernorm, config.layernorm_keep_ratio
-    row = int(value(x).shape[-1])
-    rows = int(value(x).numel()) // max(row, 1)
+    row = size(x, -1)
+    rows = numel(x) // max(row, 1)
 
     def saves(ctx):
         kept = fmt.nbytes(rows * row) if fmt is not None else rows * row * value(y).dtype.itemsize
-        out = [Save("new", 0, (0, 1), "norm_input", copy_bytes=kept, share="y", fmt="norm_q",
+        # "arg" 0 with a copy: y is a new tensor of x's shape (the peak model dequantizes it at that size)
+        out = [Save("arg", 0, (0, 1), "norm_input", copy_bytes=kept, share="y", fmt="norm_q",
                     variant=None if not prune else (1, True)),
                Save("new", 0, (0,), "norm_stats", copy_bytes=rows * value(x).dtype.itemsize, share="rstd")]
         if prune:
