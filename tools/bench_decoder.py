@@ -9,7 +9,7 @@ the decoder families of tests/families.py (tiny configs).  For each, 90% of the 
 are frozen at random (``--seed``), in plain PyTorch and in ``slimfit_fx.compile(model)``.  Measured:
 bytes saved for backward (``measure.saved_bytes``) of one training forward; predicted:
 ``plan.predict(frozen=...).activations``.  The LLaMA row also lists what the compiled module keeps
-by role (``plan.saved_tensors``).
+by op and role (``plan.saved_tensors``), beside plain PyTorch's (``slimfit_fx.analyze``).
 
 Writes ``results/bench_decoder.json`` (``--out``) and prints markdown tables.
 """
@@ -73,13 +73,19 @@ def compare(model, inputs, seed: int, breakdown: bool = False) -> dict:
     out = {"layers": len(layers), "frozen": len(frozen), "plain_freeze": eager, "slimfit": measured,
            "predicted": slim.plan.predict(frozen=frozen).activations, "capture_s": round(capture, 1)}
     if breakdown:
-        roles = collections.Counter()
-        for r in slim.plan.saved_tensors(frozen):
-            roles[", ".join(sorted({c.split("(")[1].rstrip(")") for c in r["consumers"]}))] += r["bytes"]
-        out["by_role"] = dict(roles.most_common())
+        plain = slimfit_fx.analyze(model, inputs)  # plain PyTorch's plan: what eager keeps, by op
+        out["by_role"], out["by_role_plain"] = _roles(slim.plan, frozen), _roles(plain, frozen)
     for p in model.parameters():
         p.requires_grad_(True)
     return out
+
+
+def _roles(plan, frozen) -> dict:
+    """Saved bytes under ``frozen`` by the ops (and roles) that keep them."""
+    roles = collections.Counter()
+    for r in plan.saved_tensors(frozen):
+        roles[", ".join(sorted({c.split("(")[1].rstrip(")") for c in r["consumers"]}))] += r["bytes"]
+    return dict(roles.most_common())
 
 
 def _size(n: int) -> str:
@@ -118,8 +124,12 @@ def main(argv=None) -> int:
             result["rows"][family] = compare(model, inputs, args.seed)
     print(tabulate([_row(n, r) for n, r in result["rows"].items()], HEADERS, tablefmt="github"))
     print()
-    roles = result["rows"][name]["by_role"]
-    print(tabulate([[k, f"{v / MiB:.2f}"] for k, v in roles.items()], ["kept by (role)", "MiB"], tablefmt="github"))
+    for key, title in (("by_role_plain", "plain PyTorch + freezing keeps"), ("by_role", "slimfit_fx keeps")):
+        roles = result["rows"][name][key]
+        print(f"{name}: {title}\n")
+        print(tabulate([[k, f"{v / MiB:.2f}"] for k, v in roles.items() if v >= MiB / 100], ["op: role", "MiB"],
+                       tablefmt="github"))
+        print()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     return 0

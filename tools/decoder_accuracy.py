@@ -7,7 +7,8 @@ No pretrained decoder ships in a package, so one is made here, from text every P
                 (``--pretrain-steps`` steps of random 128-byte windows), cached in
                 ``$SLIMFIT_FX_CACHE`` (default ``~/.cache/slimfit_fx``) under a key of its recipe
   fine-tuning   ``pydoc_data.topics`` (the text of ``help()``'s topics), split by topic: every
-                fifth topic (sorted by name) is held out
+                fifth topic (sorted by name) is held out, and training topics that repeat a passage
+                of a held-out one are left out
 
 Settings, trained side by side from the same checkpoint with the same batches: ``full`` (plain
 PyTorch, every parameter), ``ratio`` (``slimfit_fx.compile`` + ``Scheduler(Ratio(0.9))``) and
@@ -66,14 +67,19 @@ def stdlib_corpus(limit: int) -> bytes:
 
 
 def pydoc_split(every: int = 5) -> tuple[bytes, bytes, list[str]]:
-    """(train text, held-out text, held-out topic names): every ``every``-th topic by name is held out."""
+    """(train text, held-out text, held-out topic names): every ``every``-th topic by name is held out,
+    and a training topic that shares a passage with a held-out one is dropped (the ``compound`` topic
+    repeats the ``if``, ``while`` ... topics word for word)."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
     held = names[::every]
-    train = "\n".join(topics[n] for n in names if n not in held).encode()
-    test = "\n".join(topics[n] for n in held).encode()
-    return train, test, held
+
+    def overlaps(a: str, b: str) -> bool:
+        return any(p and p in b for p in (a[:200], a[-200:])) or any(p and p in a for p in (b[:200], b[-200:]))
+
+    train = [n for n in names if n not in held and not any(overlaps(topics[n], topics[h]) for h in held)]
+    return ("\n".join(topics[n] for n in train).encode(), "\n".join(topics[n] for n in held).encode(), held)
 
 
 def as_ids(text: bytes) -> torch.Tensor:
@@ -207,6 +213,39 @@ def summarize(per_seed: dict) -> list[list]:
 HEADERS = ["setting", "held-out bits/byte (mean ± std)", "per seed", "Δ to full", "saved act. vs full"]
 
 
+def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e-4,
+        pretrain_steps: int = PRETRAIN["steps"]) -> dict:
+    """The whole study: pre-trained checkpoint (cached), held-out bits/byte before, every setting per seed."""
+    recipe = {**PRETRAIN, "steps": pretrain_steps}
+    state, info = pretrained(recipe)
+    train_text, test_text, held = pydoc_split()
+    train_ids, test_ids = as_ids(train_text), as_ids(test_text)
+    base = build_model()
+    base.load_state_dict(state)
+    before = bits_per_byte(base, test_ids, seq)
+    log(f"pre-trained: {before:.4f} bits/byte on the {len(held)} held-out topics ({len(test_text)} bytes)")
+    per_seed = {}
+    for seed in seeds:
+        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, steps, batch, seq, lr)
+        log(f"seed {seed}: " + ", ".join(f"{k} {v['bpb']:.4f}" for k, v in per_seed[seed].items()))
+    return {"pretrain": {**recipe, **info}, "before_bpb": before, "held_out_topics": held,
+            "held_out_bytes": len(test_text), "train_bytes": len(train_text),
+            "fine_tune": dict(steps=steps, batch=batch, seq=seq, lr=lr), "per_seed": per_seed}
+
+
+def markdown(result: dict) -> str:
+    ft, pre = result["fine_tune"], result["pretrain"]
+    return "\n".join([
+        f"Byte-level LLaMA (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
+        f"{MODEL['num_attention_heads']} heads, {MODEL['num_key_value_heads']} KV heads) pre-trained for "
+        f"{pre['steps']} steps on {pre['corpus_bytes']:,} bytes of the standard library's sources; fine-tuned "
+        f"{ft['steps']} steps (batch {ft['batch']}, seq {ft['seq']}, lr {ft['lr']:g}) on {result['train_bytes']:,} "
+        f"bytes of `pydoc_data.topics`; held out: {len(result['held_out_topics'])} topics, "
+        f"{result['held_out_bytes']:,} bytes. Bits per byte on them before fine-tuning: "
+        f"{result['before_bpb']:.4f} (lower is better).", "",
+        tabulate(summarize(result["per_seed"]), HEADERS, tablefmt="github")])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -220,23 +259,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = {**PRETRAIN, "steps": args.pretrain_steps}
-    state, info = pretrained(recipe)
-    train_text, test_text, held = pydoc_split()
-    train_ids, test_ids = as_ids(train_text), as_ids(test_text)
-    base = build_model()
-    base.load_state_dict(state)
-    before = bits_per_byte(base, test_ids, args.seq)
-    log(f"pre-trained: {before:.4f} bits/byte on the {len(held)} held-out topics ({len(test_text)} bytes)")
-    per_seed = {}
-    for seed in args.seeds:
-        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, args.steps, args.batch, args.seq, args.lr)
-        log(f"seed {seed}: " + ", ".join(f"{k} {v['bpb']:.4f}" for k, v in per_seed[seed].items()))
-    print(f"Held-out bits/byte before fine-tuning: {before:.4f}")
-    print(tabulate(summarize(per_seed), HEADERS, tablefmt="github"))
+    result = run(args.seeds, args.steps, args.batch, args.seq, args.lr, args.pretrain_steps)
+    print(markdown(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], "pretrain": {**recipe, **info}, "before_bpb": before,
-                                          "held_out_topics": held, "per_seed": per_seed}, indent=1))
+    Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], **result}, indent=1))
     return 0
 
 

@@ -5,6 +5,8 @@ Two real transfer tasks, built offline from installed packages (nothing is downl
   minilm-vader   the packaged pretrained all-MiniLM-L6-v2 fine-tuned to tell positive from
                  negative VADER-lexicon words in short sentences, tested on held-out words
                  (slimfit_fx.tasks.vader_sentiment; the settings of tools/finetune.py)
+  pydoc-lm       a byte-level LLaMA pre-trained on the standard library's sources, fine-tuned on
+                 pydoc_data.topics, bits per byte on held-out topics (tools/decoder_accuracy.py)
   vit-digits     a tiny ViT (1 channel, 8x8 images in 2x2 patches, hidden 64, 4 layers)
                  pre-trained here on scikit-learn's digits 0-4, then fine-tuned on digits 5-9
                  (labels 0-4, a new head), tested on held-out images
@@ -37,12 +39,13 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import decoder_accuracy  # noqa: E402  (tools/decoder_accuracy.py: the pydoc-lm task)
 import finetune  # noqa: E402  (tools/finetune.py: run_seed, summarize, table, environment)
 from finetune import MiB, Task, log  # noqa: E402
 
 from slimfit_fx import tasks  # noqa: E402
 
-TASKS = ("minilm-vader", "vit-digits")
+TASKS = ("minilm-vader", "vit-digits", "pydoc-lm")
 
 # Per-task training settings (steps, batch, lr, weight decay); see docs/ACCURACY.md for how they were chosen.
 DEFAULTS = {
@@ -124,6 +127,10 @@ def main(argv=None) -> int:
     common = dict(settings=args.settings, ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
                   progress=not args.no_progress)
     for task_name in args.tasks:
+        if task_name == "pydoc-lm":  # a language-modelling task: bits per byte, its own table
+            extra["pydoc_lm"] = decoder_accuracy.run(args.seeds)
+            print("\npydoc-lm\n" + decoder_accuracy.markdown(extra["pydoc_lm"]))
+            continue
         cfg = dict(DEFAULTS[task_name])
         if args.steps is not None:
             cfg["steps"] = args.steps
@@ -243,6 +250,9 @@ def render_markdown(main_table: str, per_seed_tables: str, env: dict, extra: dic
         accs = extra["vit_scratch_full_accuracy"]
         lines += [f"ViT fine-tuned on 5-9 from random init instead (full fine-tuning, no pre-training): "
                   + ", ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()) + "."]
+    if extra.get("pydoc_lm"):
+        lines += ["", "### pydoc-lm: a decoder LLM task (bits per byte)", "",
+                  decoder_accuracy.markdown(extra["pydoc_lm"])]
     lines += ["", "### Per seed", "", per_seed_tables, ""]
     return "\n".join(lines)
 
