@@ -3,10 +3,10 @@
 Public API: ``compile`` (a drop-in module that trains with far less activation
 memory), ``trace``, ``analyze`` (MemoryPlan before anything runs),
 ``SlimFitConfig``, ``MemoryReport``, ``Scheduler`` with its ``Ratio`` and
-``Budget`` policies, and the ``measure`` module
-(device-independent measurement).
+``Budget`` policies, the ``measure`` module (device-independent measurement) and
+the ``extend`` module (register what your own ops keep, patterns and passes).
 """
-from . import measure
+from . import extend, measure
 from .compiler import ShardedParametersError, SlimFitModule, analyze, compile
 from .config import ConfigError, QuantFormat, SlimFitConfig
 from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
@@ -21,6 +21,7 @@ __all__ = [
     "analyze",
     "trace",
     "measure",
+    "extend",
     "SlimFitConfig",
     "QuantFormat",
     "ConfigError",
