@@ -99,8 +99,9 @@ class SlimFitConfig:
     Decoder patterns (``slimfit_fx.fusions``): ``fuse_gated_mlp`` keeps a gated MLP's gate in
     ``glu_gate_format`` (the GELU input's width), its up-projection in ``glu_up_format`` and, while
     the down-projection trains, its input in ``glu_down_input_format``; ``fuse_rmsnorm`` keeps an
-    RMSNorm's normalized input pruned while frozen (``prune_layernorm``, ``layernorm_keep_ratio``)
-    and in ``norm_input_format`` while it trains; ``fuse_cross_entropy`` keeps a language-model
+    RMSNorm's normalized input in ``norm_input_format``, or, with ``prune_rmsnorm``, pruned to the
+    top ``layernorm_keep_ratio`` while frozen (off by default: every gradient of a pre-norm decoder
+    passes through its norms, and pruning them cost accuracy there, docs/ACCURACY.md); ``fuse_cross_entropy`` keeps a language-model
     head's input instead of its log-probabilities and recomputes the logits in backward;
     ``relu_bits`` keeps a ReLU's sign bits instead of its output.
     """
@@ -121,6 +122,7 @@ class SlimFitConfig:
     norm_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
     fuse_gated_mlp: bool = True
     fuse_rmsnorm: bool = True
+    prune_rmsnorm: bool = False
     fuse_cross_entropy: bool = True
     relu_bits: bool = True
 

@@ -154,3 +154,18 @@ def test_grouped_query_causal_attention_runs_on_the_fused_kernel():
     for n, p in model.named_parameters():
         assert F.cosine_similarity(p.grad.flatten(), want[n].flatten(), dim=0) > 0.99, n
     assert slim.plan.predict().activations == saved_bytes(lambda: _loss(slim, inputs))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma"])
+def test_pruned_rmsnorm_is_predicted_exactly(name):
+    """SlimFitConfig(prune_rmsnorm=True): frozen norms keep their top 10%, trainable ones int8."""
+    model, inputs = FAMILIES[name]()
+    _no_cache(model)
+    model.train()
+    slim = slimfit_fx.compile(model, inputs, SlimFitConfig(prune_rmsnorm=True))
+    layers = layer_parameters(model.named_parameters())
+    norms = [n for n in layers if "norm" in n]
+    for frozen in (set(norms[::2]), set(random.Random(1).sample(layers, int(0.9 * len(layers))))):
+        _freeze(model, frozen)
+        assert slim.plan.predict(frozen=frozen).activations == saved_bytes(lambda: _loss(slim, inputs))
+    _freeze(model, set())

@@ -160,7 +160,8 @@ def _budget(plan, layers: list[str], ratio: float, seed: int) -> int:
     return int(statistics.median(plan.predict(frozen=rng.sample(layers, k)).total for _ in range(64)))
 
 
-def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: int, seq: int, lr: float) -> dict:
+def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: int, seq: int, lr: float,
+              config=None) -> dict:
     """Every setting from ``state`` on the same batches; bits per byte on the held-out topics after."""
     runs = {}
     example = random_batch(train_ids, batch, seq, torch.Generator().manual_seed(1234))
@@ -170,7 +171,7 @@ def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: in
         module, sched = model, None
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
         if name != "full":
-            module = slimfit_fx.compile(model, example)
+            module = slimfit_fx.compile(model, example, config)
             layers = module.plan.layers
             policy = slimfit_fx.Ratio(0.9) if name == "ratio" else slimfit_fx.Budget(_budget(module.plan, layers, 0.9, seed))
             sched = slimfit_fx.Scheduler(module, opt, policy, seed=seed,
@@ -214,7 +215,7 @@ HEADERS = ["setting", "held-out bits/byte (mean ± std)", "per seed", "Δ to ful
 
 
 def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e-4,
-        pretrain_steps: int = PRETRAIN["steps"]) -> dict:
+        pretrain_steps: int = PRETRAIN["steps"], config=None) -> dict:
     """The whole study: pre-trained checkpoint (cached), held-out bits/byte before, every setting per seed."""
     recipe = {**PRETRAIN, "steps": pretrain_steps}
     state, info = pretrained(recipe)
@@ -226,11 +227,12 @@ def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e
     log(f"pre-trained: {before:.4f} bits/byte on the {len(held)} held-out topics ({len(test_text)} bytes)")
     per_seed = {}
     for seed in seeds:
-        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, steps, batch, seq, lr)
+        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, steps, batch, seq, lr, config)
         log(f"seed {seed}: " + ", ".join(f"{k} {v['bpb']:.4f}" for k, v in per_seed[seed].items()))
     return {"pretrain": {**recipe, **info}, "before_bpb": before, "held_out_topics": held,
             "held_out_bytes": len(test_text), "train_bytes": len(train_text),
-            "fine_tune": dict(steps=steps, batch=batch, seq=seq, lr=lr), "per_seed": per_seed}
+            "fine_tune": dict(steps=steps, batch=batch, seq=seq, lr=lr), "config": repr(config or "SlimFitConfig()"),
+            "per_seed": per_seed}
 
 
 def markdown(result: dict) -> str:
@@ -254,12 +256,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
+    ap.add_argument("--prune-rmsnorm", action="store_true", help="SlimFitConfig(prune_rmsnorm=True)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "decoder_accuracy.json"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.seeds, args.steps, args.batch, args.seq, args.lr, args.pretrain_steps)
+    config = slimfit_fx.SlimFitConfig(prune_rmsnorm=True) if args.prune_rmsnorm else None
+    result = run(args.seeds, args.steps, args.batch, args.seq, args.lr, args.pretrain_steps, config)
     print(markdown(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], **result}, indent=1))

@@ -1,10 +1,10 @@
-"""Pattern: RMSNorm keeps a pruned (frozen weight) or quantized (trainable) normalized input.
+"""Pattern: RMSNorm keeps a quantized (or, frozen and asked to, pruned) normalized input.
 
 Matches the RMSNorm HF models write out in ops, ``y = x * rsqrt(mean(x^2, -1) + eps)`` followed by
 ``w * y.to(dtype)`` (LLaMA, Qwen, Mistral, Phi3; Qwen3's per-head q/k norms) or by
 ``y * (w.to(dtype) + offset)`` (Gemma's ``1 + w``), with ``w`` a parameter.  Emits
-``ops.rmsnorm.rms_norm``.  Pruning follows ``SlimFitConfig.prune_layernorm`` and
-``layernorm_keep_ratio``; the quantized copy uses ``norm_input_format``.
+``ops.rmsnorm.rms_norm``, keeping ``y`` in ``norm_input_format``; with
+``SlimFitConfig.prune_rmsnorm``, pruned to the top ``layernorm_keep_ratio`` while frozen.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def match(node, ctx):
     if value(weight).shape[0] != value(x).shape[-1]:
         return None
     fmt = format_for(config.norm_input_format, y)
-    prune, keep_ratio = config.prune_layernorm, config.layernorm_keep_ratio
+    prune, keep_ratio = config.prune_rmsnorm, config.layernorm_keep_ratio
     row = size(x, -1)
     rows = numel(x) // max(row, 1)
 
