@@ -11,9 +11,10 @@ No pretrained decoder ships in a package, so one is made here, from text every P
                 of a held-out one are left out
 
 Settings, trained side by side from the same checkpoint with the same batches: ``full`` (plain
-PyTorch, every parameter), ``ratio`` (``slimfit_fx.compile`` + ``Scheduler(Ratio(0.9))``) and
+PyTorch, every parameter), ``ratio`` (``slimfit_fx.compile`` + ``Scheduler(Ratio(0.9))``),
 ``budget`` (``compile`` + ``Scheduler(Budget(B))``, B the median predicted bytes of 64 random
-Ratio(0.9)-sized frozen sets).  Measured: bits per byte on every 128-byte window of the held-out
+Ratio(0.9)-sized frozen sets) and, on request, ``ratio-plain`` (the plain model under the same
+scheduler: what freezing alone does).  Measured: bits per byte on every 128-byte window of the held-out
 topics (lower is better), before fine-tuning and after, and the saved activations of one training
 batch under the frozen set in effect at the end.
 
@@ -46,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, use_cache=False)
 PRETRAIN = dict(steps=600, batch=32, seq=128, lr=2e-3, corpus_bytes=4_000_000, seed=0)
-SETTINGS = ("full", "ratio", "budget")
+SETTINGS = ("full", "ratio", "budget", "ratio-plain")
+DEFAULT_SETTINGS = ("full", "ratio", "budget")
 
 
 def log(msg: str) -> None:
@@ -161,16 +163,18 @@ def _budget(plan, layers: list[str], ratio: float, seed: int) -> int:
 
 
 def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: int, seq: int, lr: float,
-              config=None) -> dict:
+              config=None, settings=DEFAULT_SETTINGS) -> dict:
     """Every setting from ``state`` on the same batches; bits per byte on the held-out topics after."""
     runs = {}
     example = random_batch(train_ids, batch, seq, torch.Generator().manual_seed(1234))
-    for name in SETTINGS:
+    for name in settings:
         model = build_model()
         model.load_state_dict(state)
         module, sched = model, None
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        if name != "full":
+        if name == "ratio-plain":  # freezing alone: the plain model under the same scheduler
+            sched = slimfit_fx.Scheduler(model, opt, slimfit_fx.Ratio(0.9), seed=seed)
+        elif name != "full":
             module = slimfit_fx.compile(model, example, config)
             layers = module.plan.layers
             policy = slimfit_fx.Ratio(0.9) if name == "ratio" else slimfit_fx.Budget(_budget(module.plan, layers, 0.9, seed))
@@ -200,22 +204,25 @@ def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: in
 
 def summarize(per_seed: dict) -> list[list]:
     rows = []
-    full = statistics.mean(per_seed[s]["full"]["bpb"] for s in per_seed)
-    for name in SETTINGS:
+    first = next(iter(per_seed.values()))
+    ref = "full" if "full" in first else next(iter(first))
+    full = statistics.mean(per_seed[s][ref]["bpb"] for s in per_seed)
+    for name in [n for n in SETTINGS if n in first]:
         vals = [per_seed[s][name]["bpb"] for s in per_seed]
         saved = statistics.mean(per_seed[s][name]["saved_bytes"] for s in per_seed)
-        full_saved = statistics.mean(per_seed[s]["full"]["saved_bytes"] for s in per_seed)
+        full_saved = statistics.mean(per_seed[s][ref]["saved_bytes"] for s in per_seed)
         rows.append([name, f"{statistics.mean(vals):.4f} ± {statistics.pstdev(vals):.4f}",
                      " ".join(f"{v:.4f}" for v in vals), f"{statistics.mean(vals) - full:+.4f}",
                      f"{saved / full_saved:.3f} ({saved / 2 ** 20:.2f} MiB)"])
     return rows
 
 
-HEADERS = ["setting", "held-out bits/byte (mean ± std)", "per seed", "Δ to full", "saved act. vs full"]
+HEADERS = ["setting", "held-out bits/byte (mean ± std)", "per seed", "Δ to the first setting",
+           "saved act. vs the first"]
 
 
 def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e-4,
-        pretrain_steps: int = PRETRAIN["steps"], config=None) -> dict:
+        pretrain_steps: int = PRETRAIN["steps"], config=None, settings=DEFAULT_SETTINGS) -> dict:
     """The whole study: pre-trained checkpoint (cached), held-out bits/byte before, every setting per seed."""
     recipe = {**PRETRAIN, "steps": pretrain_steps}
     state, info = pretrained(recipe)
@@ -227,7 +234,7 @@ def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e
     log(f"pre-trained: {before:.4f} bits/byte on the {len(held)} held-out topics ({len(test_text)} bytes)")
     per_seed = {}
     for seed in seeds:
-        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, steps, batch, seq, lr, config)
+        per_seed[seed] = fine_tune(state, train_ids, test_ids, seed, steps, batch, seq, lr, config, settings)
         log(f"seed {seed}: " + ", ".join(f"{k} {v['bpb']:.4f}" for k, v in per_seed[seed].items()))
     return {"pretrain": {**recipe, **info}, "before_bpb": before, "held_out_topics": held,
             "held_out_bytes": len(test_text), "train_bytes": len(train_text),
@@ -257,13 +264,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--pretrain-steps", type=int, default=PRETRAIN["steps"])
     ap.add_argument("--prune-rmsnorm", action="store_true", help="SlimFitConfig(prune_rmsnorm=True)")
+    ap.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(DEFAULT_SETTINGS),
+                    help="ratio-plain: the plain model under Scheduler(Ratio(0.9)), freezing alone")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(ROOT / "results" / "decoder_accuracy.json"))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     config = slimfit_fx.SlimFitConfig(prune_rmsnorm=True) if args.prune_rmsnorm else None
-    result = run(args.seeds, args.steps, args.batch, args.seq, args.lr, args.pretrain_steps, config)
+    result = run(args.seeds, args.steps, args.batch, args.seq, args.lr, args.pretrain_steps, config, args.settings)
     print(markdown(result))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"argv": sys.argv[1:], **result}, indent=1))
