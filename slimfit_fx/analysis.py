@@ -550,7 +550,8 @@ def fused_kernel(node) -> str | None:
 
     if _arg(node, 4, "dropout_p", 0.0) > 0 or node.kwargs.get("enable_gqa", False):
         return None
-    return kernel_for(_val(_arg(node, 0)).device.type, sdpa_backend(node))
+    return kernel_for(_val(_arg(node, 0)).device.type, sdpa_backend(node),
+                      isinstance(_arg(node, 3, "attn_mask"), fx.Node))
 
 
 def _sdpa_fused_quantized(node, cfg: SlimFitConfig) -> list[Save]:

@@ -7,7 +7,8 @@ per-row log-sum-exp (and, on CUDA, its RNG state), and the mask as it was given 
 stays boolean, one storage for every layer).  No ``S x S`` tensor is kept at any sequence
 length.  The backward runs the same kernel's backward on the dequantized tensors.
 
-No dropout and no mask gradient: ``analysis.attention_choice`` sends those elsewhere.
+No dropout and no mask gradient: ``analysis.attention_choice`` sends those elsewhere.  The CUDA
+branches follow what SDPA hands those kernels; only the CPU's has run (tests/test_decoder_ops.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ def _float_mask(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def _efficient_bias(mask, q, k):
+    """The bias SDPA hands the memory-efficient kernel (as ``preprocess_mask`` does): additive, its
+    rows padded to a multiple of 16 elements (the kernel reads them aligned) and sliced back, expanded
+    to batch x heads x queries x keys."""
+    bias = _float_mask(mask, q.dtype)
+    if bias is None:
+        return None
+    n = bias.shape[-1]
+    if n % 16 or bias.stride(-2) % 16:
+        bias = torch.nn.functional.pad(bias, (0, (-n) % 16))[..., :n]
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
 def _forward(backend, q, k, v, mask, is_causal, scale):
     """``(out, logsumexp, extras)`` of the kernel ``backend``."""
     if backend == "flash_cpu":
@@ -38,7 +52,7 @@ def _forward(backend, q, k, v, mask, is_causal, scale):
             q, k, v, 0.0, is_causal, False, scale=scale)
         return out, lse, (cq, ck, mq, mk, seed, offset)
     out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-        q, k, v, _float_mask(mask, q.dtype), True, 0.0, is_causal, scale=scale)
+        q, k, v, _efficient_bias(mask, q, k), True, 0.0, is_causal, scale=scale)
     return out, lse, (seed, offset)
 
 
@@ -51,7 +65,7 @@ def _backward(backend, grad, q, k, v, out, lse, extras, mask, is_causal, scale):
         return aten._scaled_dot_product_flash_attention_backward(
             grad, q, k, v, out, lse, cq, ck, mq, mk, 0.0, is_causal, seed, offset, scale=scale)
     seed, offset = extras
-    bias = _float_mask(mask, q.dtype)
+    bias = _efficient_bias(mask, q, k)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         grad, q, k, v, bias, out, lse, seed, offset, 0.0, [True, True, True, False], is_causal, scale=scale)
     return dq, dk, dv
@@ -83,11 +97,12 @@ class _FusedAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def kernel_for(device_type: str, backend: str) -> str | None:
-    """The kernel this op runs for the backend eager SDPA picks, or None where it has none."""
+def kernel_for(device_type: str, backend: str, has_mask: bool) -> str | None:
+    """The kernel this op runs for the backend eager SDPA picks, or None where it has none.  The
+    memory-efficient kernel's backward takes its bias as a required tensor: used with a mask only."""
     if device_type == "cpu" and backend == "flash":
         return "flash_cpu"
-    if device_type == "cuda" and backend in ("flash", "efficient"):
+    if device_type == "cuda" and (backend == "flash" or (backend == "efficient" and has_mask)):
         return backend
     return None
 
