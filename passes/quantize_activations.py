@@ -26,7 +26,7 @@ from __future__ import annotations
 from torch import fx
 
 from slimfit_fx.analysis import (attention_choice, ffn_input_format, ffn_producer, format_for, fused_kernel, match_tanh_gelu,
-                                 produced_by_gelu, repeated_kv, sdpa_backend)
+                                 produced_by_gelu, sdpa_backend)
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention import attention_quantized
@@ -112,7 +112,12 @@ def _attention(gm: fx.GraphModule, config: SlimFitConfig) -> None:
     for node in nodes_of(gm, "aten.scaled_dot_product_attention"):
         choice = attention_choice(node, config)
         if choice == "fused":
-            _fused_attention(gm, node, config)
+            kwargs = dict(attn_mask=arg(node, 3, "attn_mask"), is_causal=arg(node, 5, "is_causal", False),
+                          scale=node.kwargs.get("scale"), backend=fused_kernel(node),
+                          qk_fmt=fmt_to_args(config.attn_qk_format), v_fmt=fmt_to_args(config.attn_v_format),
+                          o_fmt=fmt_to_args(format_for(config.attn_v_format, node)))
+            replace_call(node, attention_fused_quantized, tuple(node.args[:3]), kwargs,
+                         note=f"attention on the {fused_kernel(node)} kernel, Q/K/V/output quantized")
             continue
         if choice == "kernel":
             if config.quantizes_attention and format_for(config.attn_qk_format or config.attn_v_format
@@ -131,25 +136,3 @@ def _attention(gm: fx.GraphModule, config: SlimFitConfig) -> None:
             mask_mode=config.dropout_mode(device),
         )
         replace_call(node, attention_quantized, tuple(node.args[:3]), kwargs, note="attention core quantized")
-
-
-def _fused_attention(gm: fx.GraphModule, node: fx.Node, config: SlimFitConfig) -> None:
-    """``attention_fused_quantized`` in place of SDPA; quantized K and V are taken from before HF's
-    grouped-query repeat (``analysis.repeated_kv``), which the op repeats itself."""
-    q, k, v = node.args[:3]
-    groups = 1
-    sources = [repeated_kv(t) for t in (k, v)]
-    if all(sources) and sources[0][1] == sources[1][1] and config.attn_qk_format and config.attn_v_format:
-        (k, groups), (v, _) = sources
-    kwargs = dict(attn_mask=arg(node, 3, "attn_mask"), is_causal=arg(node, 5, "is_causal", False),
-                  scale=node.kwargs.get("scale"), backend=fused_kernel(node),
-                  qk_fmt=fmt_to_args(config.attn_qk_format), v_fmt=fmt_to_args(config.attn_v_format),
-                  o_fmt=fmt_to_args(format_for(config.attn_v_format, node)), kv_groups=groups)
-    old = node.args[1:3]
-    replace_call(node, attention_fused_quantized, (q, k, v), kwargs,
-                 note=f"attention on the {fused_kernel(node)} kernel, Q/K/V/output quantized")
-    for dead in old if groups > 1 else ():  # reshape, expand, whole-range slices, unsqueeze
-        while dead.op == "call_function" and not dead.users:
-            source = dead.args[0]
-            gm.graph.erase_node(dead)
-            dead = source

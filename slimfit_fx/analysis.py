@@ -554,41 +554,16 @@ def fused_kernel(node) -> str | None:
                       isinstance(_arg(node, 3, "attn_mask"), fx.Node))
 
 
-def repeated_kv(node) -> tuple[fx.Node, int] | None:
-    """``(kv, groups)`` when ``node`` is HF's ``repeat_kv``: ``kv`` (batch, kv_heads, seq, dim)
-    unsqueezed, expanded ``groups`` times and reshaped to batch x kv_heads * groups heads."""
-    if not (_is(node, "aten.reshape") and _is(node.args[0], "aten.expand")):
-        return None
-    expand = node.args[0]
-    unsq = expand.args[0]
-    chain = [expand]
-    while _is(unsq, "aten.slice") and unsq.args[2:4] in ((0, 2 ** 63 - 1), [0, 2 ** 63 - 1]):
-        chain.append(unsq)  # ``kv[:, :, None, :, :]`` under dynamic shapes: whole-range slices
-        unsq = unsq.args[0]
-    if not (_is(unsq, "aten.unsqueeze") and unsq.args[1] == 2 and _val(unsq.args[0]) is not None):
-        return None
-    kv, out = _val(unsq.args[0]), _val(node)
-    if kv.dim() != 4 or out.dim() != 4 or any(len(n.users) != 1 for n in chain + [unsq]):
-        return None
-    groups = _hint(out.shape[1]) // max(_hint(kv.shape[1]), 1)
-    if groups * _hint(kv.shape[1]) != _hint(out.shape[1]) or _hint(out.shape[2]) != _hint(kv.shape[2]):
-        return None
-    return unsq.args[0], groups
-
-
 def _sdpa_fused_quantized(node, cfg: SlimFitConfig) -> list[Save]:
-    """``ops.attention_fused`` keeps Q, K, V (their formats; K and V before HF's grouped-query
-    repeat when they are quantized) and the output (``attn_v_format``), the log-sum-exp, and the mask
-    as given: whenever recorded, as the kernels do."""
+    """``ops.attention_fused`` keeps Q, K, V (their formats) and the output (``attn_v_format``),
+    the log-sum-exp, and the mask as given: whenever recorded, as the kernels do."""
     q = _val(_arg(node, 0))
     rows = math.prod(_hint(s) for s in q.shape[:-1])
 
     def kept(i, fmt, role):
         if fmt is None:
             return Save("arg", i, (), role)
-        source = repeated_kv(_arg(node, i)) if i in (1, 2) else None
-        numel = _numel(source[0] if source is not None else _arg(node, i))
-        return Save("arg", i, (), role, copy_bytes=fmt.nbytes(numel), fmt="q")
+        return Save("arg", i, (), role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
 
     saves = [kept(0, cfg.attn_qk_format, "attn_qk"), kept(1, cfg.attn_qk_format, "attn_qk"),
              kept(2, cfg.attn_v_format, "attn_v")]

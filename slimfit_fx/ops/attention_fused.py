@@ -2,8 +2,7 @@
 
 The forward calls the very kernel eager ``scaled_dot_product_attention`` picks for these inputs
 (flash-for-CPU on the CPU; flash or memory-efficient on CUDA), so its output is bit for bit
-eager's.  Kept for backward: Q, K, V in their formats (K and V before a grouped-query repeat when
-the pass finds HF's ``repeat_kv``: ``kv_groups`` times fewer bytes), the output in ``o_fmt``, the kernel's
+eager's.  Kept for backward: Q, K, V in their formats, the output in ``o_fmt``, the kernel's
 per-row log-sum-exp (and, on CUDA, its RNG state), and the mask as it was given (a boolean mask
 stays boolean, one storage for every layer).  No ``S x S`` tensor is kept at any sequence
 length.  The backward runs the same kernel's backward on the dequantized tensors.
@@ -72,28 +71,11 @@ def _backward(backend, grad, q, k, v, out, lse, extras, mask, is_causal, scale):
     return dq, dk, dv
 
 
-def _repeat(kv, groups):
-    """HF's ``repeat_kv``: the same ops, so the kernel sees the very tensors eager gives it."""
-    if groups == 1:
-        return kv
-    b, h, s, d = kv.shape
-    return kv[:, :, None, :, :].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
-
-
-def _unrepeat(grad, groups):
-    """Gradient of ``_repeat``: the query heads sharing a K/V head summed."""
-    if groups == 1:
-        return grad
-    b, h, s, d = grad.shape
-    return grad.view(b, h // groups, groups, s, d).sum(2)
-
-
 class _FusedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, is_causal, scale, backend, qk_fmt, v_fmt, o_fmt, groups):
+    def forward(ctx, q, k, v, mask, is_causal, scale, backend, qk_fmt, v_fmt, o_fmt):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        ctx.groups = groups
-        out, lse, extras = _forward(backend, q, _repeat(k, groups), _repeat(v, groups), mask, is_causal, scale)
+        out, lse, extras = _forward(backend, q, k, v, mask, is_causal, scale)
         tensors = [t for t in extras if isinstance(t, torch.Tensor)]
         # Non-tensor extras (CUDA flash's max sequence lengths) stay on ctx; tensors go through save.
         ctx.args = (backend, is_causal, scale, [(isinstance(t, torch.Tensor), t) for t in extras])
@@ -111,9 +93,8 @@ class _FusedAttention(torch.autograd.Function):
         it = iter(tensors)
         extras = [next(it) if is_tensor else value for is_tensor, value in extras]
         q, k, v, out = (t.to(d) for t, d in zip((q, k, v, out), ctx.dtypes))
-        k, v = _repeat(k, ctx.groups), _repeat(v, ctx.groups)
         dq, dk, dv = _backward(backend, grad.contiguous(), q, k, v, out, lse, extras, mask, is_causal, scale)
-        return dq, _unrepeat(dk, ctx.groups), _unrepeat(dv, ctx.groups), None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def kernel_for(device_type: str, backend: str, has_mask: bool) -> str | None:
@@ -127,10 +108,9 @@ def kernel_for(device_type: str, backend: str, has_mask: bool) -> str | None:
 
 
 def attention_fused_quantized(q, k, v, attn_mask=None, is_causal=False, scale=None, backend="flash_cpu",
-                              qk_fmt=None, v_fmt=None, o_fmt=None, kv_groups=1):
-    """``scaled_dot_product_attention`` on ``backend`` keeping quantized Q, K, V and output; with
-    ``kv_groups`` > 1, K and V come before HF's grouped-query repeat and are kept that way."""
+                              qk_fmt=None, v_fmt=None, o_fmt=None):
+    """``scaled_dot_product_attention`` on ``backend`` keeping quantized Q, K, V and output."""
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        return torch.nn.functional.scaled_dot_product_attention(
-            q, _repeat(k, kv_groups), _repeat(v, kv_groups), attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    return _FusedAttention.apply(q, k, v, attn_mask, is_causal, scale, backend, qk_fmt, v_fmt, o_fmt, kv_groups)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                                scale=scale)
+    return _FusedAttention.apply(q, k, v, attn_mask, is_causal, scale, backend, qk_fmt, v_fmt, o_fmt)
