@@ -26,7 +26,7 @@ from __future__ import annotations
 from torch import fx
 
 from slimfit_fx.analysis import (attention_choice, ffn_input_format, ffn_producer, format_for, fused_kernel, match_tanh_gelu,
-                                 produced_by_gelu, sdpa_backend)
+                                 is_ffn_hidden, sdpa_backend)
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention import attention_quantized
@@ -53,7 +53,7 @@ def _unquantized(node: fx.Node, what: str) -> None:
 
 def _ffn_input_format(x: fx.Node, config: SlimFitConfig):
     """The FFN-out input's format, or None (noted when the format is set but the dtype is not taken)."""
-    if not produced_by_gelu(x):
+    if not is_ffn_hidden(x):
         return None
     fmt = ffn_input_format(x, config)
     configured = config.glu_down_input_format if ffn_producer(x) == "glu" else config.ffn_out_input_format

@@ -205,7 +205,7 @@ def _addmm(node, ctx):
     projection whose input the config may keep quantized while W trains."""
     saves = _mm_like(1, 2)(node, ctx)
     fmt = ffn_input_format(_arg(node, 1), ctx.config, ctx.fused_op)
-    ffn_out = produced_by_gelu(_arg(node, 1), ctx.fused_op) and ctx.is_param(_arg(node, 2))
+    ffn_out = is_ffn_hidden(_arg(node, 1), ctx.fused_op) and ctx.is_param(_arg(node, 2))
     if ffn_out:
         first = saves[0]
         copy = fmt.nbytes(_numel(_arg(node, 1))) if fmt is not None else None
@@ -258,7 +258,7 @@ def _linear(node, ctx):
     copy = None
     if x.dim() > 2 and _reshape_copies(_arg(node, 0), [-1, in_features]):
         copy = _numel(_arg(node, 0)) * x.dtype.itemsize
-    role = "ffn_out_input" if produced_by_gelu(_arg(node, 0), ctx.fused_op) else "linear_input"
+    role = "ffn_out_input" if is_ffn_hidden(_arg(node, 0), ctx.fused_op) else "linear_input"
     fmt_name = "full"
     ffn_fmt = ffn_input_format(_arg(node, 0), ctx.config, ctx.fused_op)
     if role == "ffn_out_input" and ffn_fmt is not None:
@@ -391,7 +391,7 @@ def ffn_producer(node, fused_op: Callable = lambda node: None) -> str | None:
     return None
 
 
-def produced_by_gelu(node, fused_op: Callable = lambda node: None) -> bool:
+def is_ffn_hidden(node, fused_op: Callable = lambda node: None) -> bool:
     """Whether ``node`` is an FFN's hidden activation (``ffn_producer``)."""
     return ffn_producer(node, fused_op) is not None
 
@@ -471,7 +471,7 @@ def _layer_norm_stat_dtype(node) -> torch.dtype:
 
 
 def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
-    """Bytes of a pruned LayerNorm save: top-k values and their column indices per row
+    """Bytes of a pruned LayerNorm (or RMSNorm) save: top-k values and their column indices per row
     (``ops.layernorm`` keeps exactly these)."""
     from .ops.layernorm import keep_count
 
@@ -695,11 +695,6 @@ def attention_choice(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None
     if not trains and fused_kernel(node) is not None:
         costs["fused"] = _saves_bytes(node, _sdpa_fused_quantized(node, config))
     return min(costs, key=lambda c: (costs[c], c != "kernel"))
-
-
-def quantized_attention_wins(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> bool:
-    """Whether ``attention_choice`` keeps the quantized softmax core."""
-    return attention_choice(node, config, ctx) == "core"
 
 
 def _depends_on_parameter(node: fx.Node) -> bool:
@@ -982,6 +977,32 @@ class GraphAnalysis:
         return active
 
 
+def _differentiable(n: fx.Node) -> bool:
+    """Whether autograd may record the call node ``n`` (not a comparison, factory or no-grad region)."""
+    key = op_key(n.target)
+    return key not in NON_DIFFERENTIABLE and not (
+        "wrap_with_set_grad_enabled" in key and n.args and n.args[0] is False)
+
+
+def _floating(n: fx.Node) -> bool:
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (tuple, list)) else [val]
+    return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in vals)
+
+
+def grad_reachable(gm: fx.GraphModule) -> set[str]:
+    """Names of the nodes that require grad under some frozen set: the parameters, and the float
+    results of differentiable ops that one of them reaches.  The analysis and the patterns ask this."""
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
+    reachable: set[str] = set()
+    for n in gm.graph.nodes:
+        if (n.op == "get_attr" and n.target in params) or (
+                n.op == "call_function" and _differentiable(n) and _floating(n)
+                and any(a.name in reachable for a in n.all_input_nodes)):
+            reachable.add(n.name)
+    return reachable
+
+
 class _StorageIds:
     def __init__(self):
         self.ids: dict = {}
@@ -1025,9 +1046,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         order.append(n.name)
         node_inputs[n.name] = tuple(a.name for a in n.all_input_nodes)
         val = n.meta.get("val")
-        vals = val if isinstance(val, (tuple, list)) else [val]
-        float_out[n.name] = any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
-                                for v in vals)
+        float_out[n.name] = _floating(n)
         if isinstance(val, torch.Tensor):
             source = returns_input(n)
             storage_key[n.name] = (storage_key[source.name] if source is not None and source.name in storage_key
@@ -1041,13 +1060,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         elif n.op == "placeholder":
             node_kind[n.name] = "input"
         elif n.op == "call_function":
-            key = op_key(n.target)
-            if key in NON_DIFFERENTIABLE:
-                node_kind[n.name] = "nograd"
-            elif "wrap_with_set_grad_enabled" in key and n.args and n.args[0] is False:
-                node_kind[n.name] = "nograd"
-            else:
-                node_kind[n.name] = "op"
+            node_kind[n.name] = "op" if _differentiable(n) else "nograd"
         else:
             node_kind[n.name] = "other"
 
@@ -1074,12 +1087,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
     def weight_of(node: fx.Node) -> str | None:
         return param_of(node, through_casts=True)
 
-    # Nodes that require grad under some frozen set: those a parameter reaches through float ops.
-    reachable: set[str] = set()
-    for n in gm.graph.nodes:
-        if n.name in param_node or (node_kind[n.name] == "op" and float_out[n.name]
-                                    and any(a.name in reachable for a in n.all_input_nodes)):
-            reachable.add(n.name)
+    reachable = grad_reachable(gm)
     ctx = OpContext(config=config, is_param=lambda n: weight_of(n) is not None,
                     may_require_grad=lambda n: isinstance(n, fx.Node) and n.name in reachable)
     ids = _StorageIds()

@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import networkx as nx
-import torch
 from torch import fx
 
-from .analysis import OP_TABLE, VIEW_OPS, OpContext, Rule, Save, cast_source, op_key
+from .analysis import OP_TABLE, VIEW_OPS, OpContext, Rule, Save, cast_source, grad_reachable, op_key
 from .config import ConfigError
 
 __all__ = ["Save", "OpContext", "Fusion", "register_rule", "register_pattern", "register_pass", "patterns",
@@ -169,8 +168,8 @@ def pipeline() -> list[tuple[str, Callable]]:
 
 def graph_context(gm: fx.GraphModule, config) -> OpContext:
     """The context patterns match in: ``is_param`` follows views and dtype casts to an
-    ``nn.Parameter`` of ``gm``; ``may_require_grad`` says whether a parameter reaches a node.  The analysis and the fuse pass both match through it, so they
-    find the same fusions."""
+    ``nn.Parameter`` of ``gm``; ``may_require_grad`` is ``analysis.grad_reachable``.  The analysis
+    and the fuse pass both match through it, so they find the same fusions."""
     params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
 
     def is_param(node) -> bool:
@@ -183,15 +182,9 @@ def graph_context(gm: fx.GraphModule, config) -> OpContext:
             node = node.args[0]
         return False
 
-    # Nodes that require grad under some frozen set: those a parameter reaches through float ops.
-    reachable: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        val = node.meta.get("val")
-        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
-        if (node.op == "get_attr" and node.target in params) or (
-                node.op == "call_function" and floating and any(a in reachable for a in node.all_input_nodes)):
-            reachable.add(node)
-    return OpContext(config=config, is_param=is_param, may_require_grad=lambda node: node in reachable)
+    reachable = grad_reachable(gm)
+    return OpContext(config=config, is_param=is_param,
+                     may_require_grad=lambda node: isinstance(node, fx.Node) and node.name in reachable)
 
 
 def find_fusions(gm: fx.GraphModule, config) -> dict[str, Fusion]:

@@ -23,6 +23,18 @@ from torch import nn
 BATCH, SEQ = 4, 16
 
 
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (the tools are scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _text_inputs(vocab, labels="class"):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHEAP = ["pytorch", "checkpointing", "pytorch+freeze", "slimfit", "slimfit+offload"]  # torch.compile: minutes
@@ -11,10 +12,7 @@ CHEAP = ["pytorch", "checkpointing", "pytorch+freeze", "slimfit", "slimfit+offlo
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "tools" / "bench_memory.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("bench_memory")
 
 
 @pytest.fixture(scope="module")

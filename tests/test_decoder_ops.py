@@ -60,7 +60,8 @@ def test_rms_norm_matches_eager(dtype, shape, gemma, state):
         if state == "exact":
             torch.testing.assert_close(a, b, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
         else:
-            assert cosine(a, b) > (0.9 if state == "frozen" else 0.99)
+            # pruned to the top 10%: 0.962 at worst here; quantized to 8 bits: 0.99997
+            assert cosine(a, b) > (0.95 if state == "frozen" else 0.9995)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -80,7 +81,7 @@ def test_glu_matches_eager(dtype, act, approximate, fmts):
             torch.testing.assert_close(got, want, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                        atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
         else:
-            assert cosine(got, want) > (0.97 if fmts[0] == INT4 else 0.995)
+            assert cosine(got, want) > (0.99 if fmts[0] == INT4 else 0.9995)  # measured: 0.9931, 0.99995
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

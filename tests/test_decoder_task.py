@@ -2,21 +2,15 @@
 a cached checkpoint, and every setting trained from it."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
 
 
 @pytest.fixture(scope="module")
 def task():
-    spec = importlib.util.spec_from_file_location("decoder_accuracy", ROOT / "tools" / "decoder_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("decoder_accuracy")
 
 
 def test_topics_are_held_out_whole(task):

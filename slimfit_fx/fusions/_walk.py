@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import fx
 
 from slimfit_fx.analysis import VIEW_OPS, _hint, cast_source, op_key
+from slimfit_fx.passes._match import arg  # noqa: F401  (the patterns' argument helper: one copy)
 
 
 def is_op(node, *keys: str) -> bool:
@@ -18,12 +19,6 @@ def through_views(node, casts: bool = True):
             continue
         break
     return node
-
-
-def arg(node: fx.Node, i: int, name: str, default=None):
-    if i < len(node.args):
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 def numel(node) -> int:

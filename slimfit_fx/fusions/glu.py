@@ -28,9 +28,9 @@ def match(node, ctx):
     if not (config.fuse_gated_mlp and is_op(node, "aten.mul") and len(node.args) == 2):
         return None
     for a, up in (node.args, node.args[::-1]):
-        if not is_op(a, "aten.silu", "aten.gelu") or len(a.users) != 1 or not is_op(up) and up is None:
+        if not is_op(a, "aten.silu", "aten.gelu") or len(a.users) != 1:
             continue
-        if not hasattr(up, "meta") or value(up) is None or value(up).shape != value(node).shape:
+        if value(up) is None or value(up).shape != value(node).shape:
             continue
         gate = a.args[0]
         if value(gate) is None or value(gate).shape != value(node).shape:

@@ -8,10 +8,10 @@ Matches the RMSNorm HF models write out in ops, ``y = x * rsqrt(mean(x^2, -1) + 
 """
 from __future__ import annotations
 
-from slimfit_fx.analysis import Save, cast_source, format_for
+from slimfit_fx.analysis import Save, cast_source, format_for, pruned_layernorm_bytes
 from slimfit_fx.extend import Fusion, register_pattern
 from slimfit_fx.ops._saved import fmt_to_args
-from slimfit_fx.ops.rmsnorm import pruned_bytes, rms_norm
+from slimfit_fx.ops.rmsnorm import rms_norm
 
 from ._walk import arg, is_op, numel, size, value
 
@@ -80,7 +80,7 @@ def match(node, ctx):
                Save("new", 0, (0,), "norm_stats", copy_bytes=rows * value(x).dtype.itemsize, share="rstd")]
         if prune:
             out.append(Save("new", 0, (0,), "norm_pruned", share="topk", fmt="norm_pruned", variant=(1, False),
-                            copy_bytes=pruned_bytes(rows, row, value(y).dtype, keep_ratio)))
+                            copy_bytes=pruned_layernorm_bytes(rows, row, value(y).dtype, keep_ratio)))
         return out
 
     args = (x, weight, eps, offset, w_dtype, y_dtype, prune, keep_ratio, fmt_to_args(fmt))

@@ -12,6 +12,12 @@ from ..config import QuantFormat
 from ..quant import Quantized, dequantize, quantize
 
 
+def cast(t, dtype):
+    """``t`` in ``dtype`` (None: as it is; a tensor of None stays None): the ops cast parameters to
+    autocast's dtype, and gradients back to the parameters' own."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def fmt_from_args(args: tuple | None) -> QuantFormat | None:
     """Formats travel through FX graphs as plain tuples (printable in generated code)."""
     return None if args is None else QuantFormat(*args)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _saved
+from ._saved import cast as _cast
 
 CHUNK_ELEMENTS = 1 << 22  # logits recomputed per backward chunk: 16 MiB in fp32
 
@@ -21,10 +22,6 @@ CHUNK_ELEMENTS = 1 << 22  # logits recomputed per backward chunk: 16 MiB in fp32
 def chunk_rows(vocab: int) -> int:
     """Rows per backward chunk (the peak model prices the same)."""
     return max(1, CHUNK_ELEMENTS // max(vocab, 1))
-
-
-def _cast(t, dtype):
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

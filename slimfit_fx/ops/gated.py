@@ -21,14 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _saved
-
-
-def _cast(t, dtype):
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-def _grad_as(g, like_dtype):
-    return g if g is None or g.dtype == like_dtype else g.to(like_dtype)
+from ._saved import cast as _cast
 
 
 class _Linear(torch.autograd.Function):
@@ -48,9 +41,9 @@ class _Linear(torch.autograd.Function):
             gx = grad @ _cast(weight, ctx.dtype)
         if ctx.needs_input_grad[1]:
             gw = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
-            gw = _grad_as(gw, ctx.dtypes[0])
+            gw = _cast(gw, ctx.dtypes[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = _grad_as(grad.reshape(-1, grad.shape[-1]).sum(0), ctx.dtypes[1])
+            gb = _cast(grad.reshape(-1, grad.shape[-1]).sum(0), ctx.dtypes[1])
         return gx, gw, gb, None, None
 
 
@@ -89,9 +82,9 @@ class _Conv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             gx = grad_input(ctx.x_shape, _cast(weight, ctx.dtype), grad, stride, padding, dilation, groups)
         if ctx.needs_input_grad[1]:
-            gw = _grad_as(grad_weight(x, ctx.w_shape, grad, stride, padding, dilation, groups), ctx.dtypes[0])
+            gw = _cast(grad_weight(x, ctx.w_shape, grad, stride, padding, dilation, groups), ctx.dtypes[0])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = _grad_as(grad.sum(dim=[0] + list(range(2, grad.dim()))), ctx.dtypes[1])
+            gb = _cast(grad.sum(dim=[0] + list(range(2, grad.dim()))), ctx.dtypes[1])
         return gx, gw, gb, None, None, None, None, None
 
 

@@ -19,19 +19,12 @@ import math
 import torch
 
 from . import _saved
+from ._saved import cast as _cast
 
 
 def keep_count(row: int, keep_ratio: float) -> int:
     """Values kept per row; the analysis prices the same count."""
     return max(1, math.ceil(keep_ratio * row))
-
-
-def _cast(t, dtype):
-    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-def _grad_as(g, dtype):
-    return g if g is None or dtype is None or g.dtype == dtype else g.to(dtype)
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -61,7 +54,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gb = grad.reshape(-1, ctx.row).sum(0).reshape(ctx.normalized_shape) if ctx.needs_input_grad[2] else None
-        gb = _grad_as(gb, ctx.dtypes[1])
+        gb = _cast(gb, ctx.dtypes[1])
         if ctx.mode == "bias_only":
             return None, None, gb, None, None, None, None
         if ctx.mode == "full":
@@ -69,7 +62,7 @@ class _LayerNorm(torch.autograd.Function):
             mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
                 grad, x, ctx.normalized_shape, mean, rstd, _cast(weight, ctx.dtype), _cast(bias, ctx.dtype), mask)
-            return gx, _grad_as(gw, ctx.dtypes[0]), _grad_as(gb, ctx.dtypes[1]), None, None, None, None
+            return gx, _cast(gw, ctx.dtypes[0]), _cast(gb, ctx.dtypes[1]), None, None, None, None
         values, index, rstd, weight = _saved.load(ctx)
         acc = torch.promote_types(grad.dtype, torch.float32)
         g = grad.reshape(-1, ctx.row).to(acc)

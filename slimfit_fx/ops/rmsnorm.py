@@ -96,9 +96,3 @@ def rms_norm(x, weight, eps, offset=None, w_dtype=None, y_dtype=None, prune=True
         return _scale(_normalize(x, eps)[0], weight, offset, w_dtype, y_dtype)
     return _RMSNorm.apply(x, weight, eps, offset, w_dtype, y_dtype, prune, keep_ratio, fmt)
 
-
-def pruned_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
-    """Bytes of the pruned save: ``keep_count`` values and column indices per row."""
-    index_bytes = 2 if row <= torch.iinfo(torch.int16).max else 4
-    return rows * keep_count(row, keep_ratio) * (dtype.itemsize + index_bytes)
-
