@@ -13,6 +13,12 @@ With ``--measure`` each column is also run (a warm-up step, then a measured
 step) and measured with ``slimfit_fx.measure``.  ``slimfit-fx demo`` is
 ``report --model bert-base --batch 32 --seq 128 --measure``.
 
+``slimfit-fx report --meta`` estimates instead, from the model's config alone, the
+memory per GPU of models too large to build here (``slimfit_fx.estimate``): plain
+PyTorch, PyTorch with checkpointing, slimfit_fx and slimfit_fx with checkpointing,
+in the setting ``--precision``, ``--device`` and ``--world-size`` (FSDP2) name;
+``--plot FILE`` draws it (matplotlib, ``pip install slimfit-fx[plot]``).
+
 Exit codes: 0 done, 1 the library failed (e.g. the model cannot be captured),
 2 bad command line (unknown model, impossible sizes).
 """
@@ -32,6 +38,7 @@ from torch import nn
 from . import measure
 from .compiler import compile, plan_for_graph
 from .config import ConfigError, SlimFitConfig
+from .estimate import DEVICES, PRECISIONS, EstimateError, estimate, plot
 from .memory import OPTIMIZERS, MemoryPlan, MemoryReport, PlanError, ReportColumn, fmt_bytes
 from .models import DEFAULT_SEQ, KNOWN_MODELS, ModelError, build
 from .trace import TraceError, trace
@@ -94,14 +101,33 @@ def _add_report_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="FILE", help="also write the report to FILE")
 
 
+def _add_estimate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--meta", action="store_true",
+                   help="estimate from the config alone, per GPU: the model built with 1 and 2 blocks on fake "
+                        "tensors (nothing allocated) and extrapolated to its depth; seconds for a 70B config")
+    p.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                   help="with --meta: fp32, torch.autocast to bf16 or fp16 around fp32 parameters, or a bf16 "
+                        "model (default: fp32)")
+    p.add_argument("--device", choices=list(DEVICES), default=None,
+                   help="with --meta: whose kernels, masks and workspaces are priced (default: cpu)")
+    p.add_argument("--world-size", type=_positive_int, default=None, metavar="N",
+                   help="with --meta: GPUs FSDP2 shards parameters, gradients and optimizer state over; "
+                        "--batch is then per GPU (default: 1)")
+    p.add_argument("--plot", metavar="FILE",
+                   help="with --meta: also draw the estimate as a PNG (needs pip install slimfit-fx[plot])")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slimfit-fx", description="Training-memory reports for SlimFit fine-tuning.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     report = sub.add_parser("report", help="predict (and optionally measure) the memory of a training step",
                             description="Memory of one fp32 training step on CPU: plain PyTorch, PyTorch with "
-                                        "frozen layers, and SlimFit (predicted).")
+                                        "frozen layers, and SlimFit (predicted). With --meta: an estimate per GPU "
+                                        "from the config alone, in the precision, device and FSDP2 world size "
+                                        "given, with and without activation checkpointing.")
     _add_report_options(report)
+    _add_estimate_options(report)
     report.set_defaults(subparser=report)
     demo = sub.add_parser("demo", help="report --model bert-base --batch 32 --seq 128 --measure",
                           description="The report on BERT-base, batch 32, seq 128, measured (a few minutes on "
@@ -124,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
+        if getattr(args, "meta", False):
+            return _meta_report(args)
+        _refuse_estimate_options(args)
         model, inputs = _build(args.subparser, args)
     except SystemExit as exc:  # argparse: --help (0) or a bad command line (2)
         return exc.code if isinstance(exc.code, int) else 1
@@ -135,6 +164,41 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.output, "w") as f:
                 f.write(text + "\n")
     except _LIBRARY_ERRORS as exc:
+        print(f"slimfit-fx: error: {exc}", file=sys.stderr)
+        return 1
+    print(text)
+    return 0
+
+
+def _refuse_estimate_options(args) -> None:
+    """The setting options speak only to --meta: the built report is one fp32 step on the CPU."""
+    given = [f"--{name.replace('_', '-')}" for name in ("precision", "device", "world_size", "plot")
+             if getattr(args, name, None) is not None]
+    if given:
+        args.subparser.error(f"{', '.join(given)} need(s) --meta (without it the report builds the model and "
+                             "prices one fp32 step on the CPU)")
+
+
+def _meta_report(args) -> int:
+    """``report --meta``: the estimate of ``slimfit_fx.estimate``, printed, written and drawn."""
+    if args.measure or args.per_layer or args.image_size:
+        args.subparser.error("--meta estimates text models without building them: it takes neither --measure, "
+                             "--per-layer nor --image-size")
+    _progress(f"estimating {args.model} from its config (1 and 2 blocks on fake tensors) ...")
+    try:
+        est = estimate(args.model, batch=args.batch, seq=args.seq, precision=args.precision or "fp32",
+                       device=args.device or "cpu", world_size=args.world_size or 1,
+                       freeze_ratio=args.freeze_ratio, optimizer=args.optimizer)
+    except EstimateError as exc:  # a model or setting it cannot take: the command line's fault
+        args.subparser.error(str(exc))
+    try:
+        text = est.render(args.format)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text + "\n")
+        if args.plot:
+            plot(est, args.plot)
+    except (*_LIBRARY_ERRORS, ImportError) as exc:
         print(f"slimfit-fx: error: {exc}", file=sys.stderr)
         return 1
     print(text)

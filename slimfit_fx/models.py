@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["KNOWN_MODELS", "ModelError", "build", "DEFAULT_SEQ"]
+__all__ = ["KNOWN_MODELS", "ModelError", "build", "DEFAULT_SEQ", "model_factory", "text_inputs", "CAUSAL_LM",
+           "SEQ_CLS", "IMAGE_CLS", "SEQ2SEQ"]
 
 DEFAULT_SEQ = 128
 # Token ids are drawn from [_FIRST_ID, vocab): clear of the usual special ids
@@ -127,6 +128,21 @@ def build(name: str, batch: int, seq: int | None = None,
     gen = torch.Generator().manual_seed(SEED)
     inputs = _image_inputs(config, batch, gen) if task == IMAGE_CLS else _text_inputs(config, task, batch, seq, gen)
     return model, inputs
+
+
+def model_factory(name: str):
+    """What ``build`` builds ``name`` from, with nothing built yet: (HF config, a function config ->
+    model, task).  ``slimfit_fx.estimate`` changes the config's depth and builds on fake tensors."""
+    return _config(name)
+
+
+def text_inputs(config, task: str, batch: int, seq: int) -> dict[str, torch.Tensor]:
+    """``build``'s inputs for a text model of ``config`` (the same padding, labels and seed);
+    ``ModelError`` for a size the model cannot take."""
+    if not (isinstance(batch, int) and batch > 0):
+        raise ModelError(f"batch must be a positive integer, got {batch!r}")
+    _check_seq(config, seq)
+    return _text_inputs(config, task, batch, seq, torch.Generator().manual_seed(SEED))
 
 
 def _config(name: str):
