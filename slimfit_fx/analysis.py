@@ -977,6 +977,24 @@ class GraphAnalysis:
         return active
 
 
+def storage_ref(n: fx.Node, val: torch.Tensor):
+    """Which storage the tensor ``val`` of node ``n`` is: its FakeTensor's storage.  Where one captured
+    graph was inlined several times (slimfit_fx.blocks), its nodes carry ``meta["slimfit_copy"]``: the
+    copies share FakeTensors but not storages at run time, and a tensor on the storage of one of the
+    graph's inputs is on the storage of what the copy was fed (``meta["slimfit_storages"]``)."""
+    ref = StorageWeakRef(val.untyped_storage())
+    copy = n.meta.get("slimfit_copy")
+    if copy is None:
+        return ref
+    return n.meta["slimfit_storages"].get(ref, (copy, ref))
+
+
+def _input_requiring_grad(n: fx.Node) -> bool:
+    """A graph input captured requiring grad: a block's hidden states (``slimfit_fx.blocks``)."""
+    val = n.meta.get("val")
+    return n.op == "placeholder" and isinstance(val, torch.Tensor) and val.requires_grad
+
+
 def _differentiable(n: fx.Node) -> bool:
     """Whether autograd may record the call node ``n`` (not a comparison, factory or no-grad region)."""
     key = op_key(n.target)
@@ -991,12 +1009,13 @@ def _floating(n: fx.Node) -> bool:
 
 
 def grad_reachable(gm: fx.GraphModule) -> set[str]:
-    """Names of the nodes that require grad under some frozen set: the parameters, and the float
-    results of differentiable ops that one of them reaches.  The analysis and the patterns ask this."""
+    """Names of the nodes that require grad under some frozen set: the parameters, inputs captured
+    requiring grad, and the float results of differentiable ops that one of them reaches.  The
+    analysis and the patterns ask this."""
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     reachable: set[str] = set()
     for n in gm.graph.nodes:
-        if (n.op == "get_attr" and n.target in params) or (
+        if (n.op == "get_attr" and n.target in params) or _input_requiring_grad(n) or (
                 n.op == "call_function" and _differentiable(n) and _floating(n)
                 and any(a.name in reachable for a in n.all_input_nodes)):
             reachable.add(n.name)
@@ -1050,7 +1069,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
         if isinstance(val, torch.Tensor):
             source = returns_input(n)
             storage_key[n.name] = (storage_key[source.name] if source is not None and source.name in storage_key
-                                   else StorageWeakRef(val.untyped_storage()))
+                                   else storage_ref(n, val))
         if n.op == "get_attr":
             if n.target in all_params:
                 node_kind[n.name] = f"param:{canonical[n.target]}"
@@ -1178,7 +1197,7 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             elif save.source == "out":
                 v = n.meta["val"]
                 v = v[save.index] if isinstance(v, (tuple, list)) else v
-                sid = storage_for(StorageWeakRef(v.untyped_storage()), n, _hint(v.untyped_storage().nbytes()),
+                sid = storage_for(storage_ref(n, v), n, _hint(v.untyped_storage().nbytes()),
                                   v.dtype, v.shape)
             else:
                 if save.copy_bytes == 0:

@@ -15,11 +15,13 @@ import torch
 from torch import fx, nn
 
 from .analysis import analyze_graph
+from .blocks import Unsupported, capture as capture_blocks
 from .extend import pipeline
 from .config import SlimFitConfig
 from .memory import MemoryPlan
 from .precision import autocast_disabled, autocast_state
-from .trace import TraceError, _class_forward, _share_with_model, normalize_inputs, shape_signature, trace
+from .trace import (TraceError, _class_forward, _share_with_model, call_by_name, inputs_of, normalize_inputs,
+                    shape_signature, trace)
 
 __all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "SlimFitModule"]
 
@@ -96,10 +98,15 @@ class SlimFitModule(nn.Module):
     captured graphs out: the next training call captures them again.
     """
 
-    def __init__(self, model: nn.Module, config: SlimFitConfig, example_inputs: Any = None):
+    def __init__(self, model: nn.Module, config: SlimFitConfig, example_inputs: Any = None,
+                 blocks: str | None = None):
         super().__init__()
+        if blocks not in (None, "auto"):
+            raise ValueError(f"blocks must be 'auto' (capture each repeated block once) or None (the whole model), "
+                             f"got {blocks!r}")
         object.__setattr__(self, "original", model)
         object.__setattr__(self, "slimfit_config", config)
+        object.__setattr__(self, "blocks", blocks)
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "plan", None)
         object.__setattr__(self, "plan_signature", None)  # shapes the plan was predicted for
@@ -133,16 +140,22 @@ class SlimFitModule(nn.Module):
         """A graph for calls like this one: with symbolic batch and sequence sizes (``dynamic``), or for
         exactly these shapes (where the symbolic graph's guards exclude them)."""
         model = self.original
-        try:
-            gm = _trace_training(model, args, kwargs, dynamic)
-        except TraceError as exc:
-            backbone = _backbone_for(model, exc)
-            if backbone is None:
-                raise
-            return self._capture_backbone(backbone, exc, args, kwargs)
-        plan = plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or model)
-        for _, rewrite in pipeline():
-            gm = rewrite(gm, self.slimfit_config)
+        names = self.__dict__.get("_names_from") or model
+        captured = self._capture_blocks(args, kwargs, dynamic, assemble=True)
+        if captured is not None:
+            gm = captured.graph
+            plan = plan_for_graph(captured.inlined, self.slimfit_config, names)
+        else:
+            try:
+                gm = _trace_training(model, args, kwargs, dynamic)
+            except TraceError as exc:
+                backbone = _backbone_for(model, exc)
+                if backbone is None:
+                    raise
+                return self._capture_backbone(backbone, exc, args, kwargs)
+            plan = plan_for_graph(gm, self.slimfit_config, names)
+            for _, rewrite in pipeline():
+                gm = rewrite(gm, self.slimfit_config)
         if dynamic:
             self._graphs[_structure(args, kwargs)] = gm
         else:
@@ -151,6 +164,25 @@ class SlimFitModule(nn.Module):
             object.__setattr__(self, "plan", plan)
             object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
         return gm
+
+    def _capture_blocks(self, args: tuple, kwargs: dict, dynamic: bool, assemble: bool):
+        """Per-block capture (``blocks="auto"``), or None when the model does not fit it: then the whole
+        model is captured, said once in a warning."""
+        if self.blocks != "auto":
+            return None
+        model = self.original
+        was_training = model.training
+        model.train()
+        try:
+            return capture_blocks(model, args, kwargs, self.slimfit_config, dynamic=dynamic, assemble=assemble)
+        except Unsupported as exc:
+            warnings.warn(f"slimfit_fx: blocks='auto': {type(model).__name__} {exc}; capturing the whole model "
+                          "instead", RuntimeWarning, stacklevel=5)
+            return None
+        except TraceError:
+            return None  # the whole-model capture meets it too, and says what to do (or trains the backbone)
+        finally:
+            model.train(was_training)
 
     def _capture_backbone(self, backbone: nn.Module, exc: TraceError, args: tuple, kwargs: dict) -> "_Backbone":
         """The model's own Python branches on tensor values outside its backbone (DeBERTa-v2's loss):
@@ -162,9 +194,9 @@ class SlimFitModule(nn.Module):
         warnings.warn(f"slimfit_fx: {type(self.original).__name__} branches on tensor values outside its backbone "
                       f"({where}); the backbone `{prefix}` trains through SlimFit and the rest of the model runs "
                       "eagerly around it (not rewritten; plan covers the backbone)", RuntimeWarning, stacklevel=4)
-        inner = SlimFitModule(backbone, self.slimfit_config)
+        inner = SlimFitModule(backbone, self.slimfit_config, blocks=self.blocks)
         object.__setattr__(inner, "_names_from", self.original)  # the plan speaks the whole model's names
-        inner_args = _inputs_of(backbone, self.original, args, kwargs)
+        inner_args = inputs_of(backbone, self.original, args, kwargs)
         if inner_args is not None:
             inner._capture(*inner_args)
         marker = _Backbone(backbone, inner, autocast_state())
@@ -179,12 +211,14 @@ class SlimFitModule(nn.Module):
         (what a Budget is priced with): the model's, or its backbone's when only that is captured.
         Names are the whole model's.  Nothing runs but the model's code up to its backbone."""
         if self.backbone is not None:
-            call = _inputs_of(self.backbone.original, self.original, args, kwargs)
+            call = inputs_of(self.backbone.original, self.original, args, kwargs)
             if call is None:
                 raise TraceError(f"{type(self.original).__name__} did not call its backbone with these inputs")
             return self.backbone.plan_for_call(*call)
-        gm = _trace_training(self.original, args, kwargs, dynamic=False)
-        return plan_for_graph(gm, self.slimfit_config, self.__dict__.get("_names_from") or self.original)
+        names = self.__dict__.get("_names_from") or self.original
+        captured = self._capture_blocks(args, kwargs, dynamic=False, assemble=False)
+        gm = captured.inlined if captured is not None else _trace_training(self.original, args, kwargs, dynamic=False)
+        return plan_for_graph(gm, self.slimfit_config, names)
 
     def rewrite_notes(self) -> dict[str, int]:
         """What the passes did in the captured graphs, counted by kind (``"GELU input quantized": 12``,
@@ -195,9 +229,10 @@ class SlimFitModule(nn.Module):
                 for note, n in gm.inner.rewrite_notes().items():
                     counts[note] = counts.get(note, 0) + n
                 continue
-            for node in gm.graph.nodes:
-                for note in node.meta.get("slimfit", []):
-                    counts[note] = counts.get(note, 0) + 1
+            for graph, times in [(gm, 1)] + gm.meta.get("slimfit_blocks", []):
+                for node in graph.graph.nodes:
+                    for note in node.meta.get("slimfit", []):
+                        counts[note] = counts.get(note, 0) + times
         return counts
 
     @property
@@ -291,7 +326,7 @@ class _Backbone:
         backbone, inner = self.backbone, self.inner
 
         def forward(*args, **kwargs):
-            args, kwargs = _as_keywords(backbone, args, kwargs)
+            args, kwargs = call_by_name(backbone, args, kwargs)
             return inner(*args, **kwargs)
 
         forward.__slimfit_router__ = True  # slimfit_fx.trace captures the class's forward, not this
@@ -318,54 +353,6 @@ def _backbone_for(model: nn.Module, exc: TraceError) -> nn.Module | None:
     return backbone
 
 
-class _Stop(Exception):
-    pass
-
-
-def _as_keywords(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``((), kwargs)``: a call's arguments by the forward's own names, Nones dropped (a backbone called
-    positionally by its head; export pairs dynamic shapes with names).  As given if they do not bind."""
-    forward = type(module).forward
-    try:
-        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
-    except TypeError:
-        return tuple(args), dict(kwargs)
-    params = inspect.signature(forward).parameters
-    named = {}
-    for k, v in list(bound.items())[1:]:  # [0] is self
-        if params[k].kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(v)
-        elif params[k].kind is inspect.Parameter.VAR_POSITIONAL:
-            if v:
-                return tuple(args), dict(kwargs)
-        elif v is not None:
-            named[k] = v
-    return (), named
-
-
-def _inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-    """The (args, kwargs) ``model(*args, **kwargs)`` calls ``submodule`` with: the call is cut short in a
-    forward pre-hook of the submodule, before anything of it runs (no compute, no RNG drawn)."""
-    seen: list = []
-
-    def hook(module, a, kw):
-        seen.append(_as_keywords(module, a, kw))
-        raise _Stop
-
-    handle = submodule.register_forward_pre_hook(hook, with_kwargs=True)
-    installed = submodule.__dict__.pop("forward", None)  # reach the module's own call, not compile_in_place's
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-        if installed is not None:
-            submodule.__dict__["forward"] = installed
-    return seen[0] if seen else None
-
-
 def _trace_training(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
     """``trace`` in training mode, the model's own mode restored after."""
     was_training = model.training
@@ -388,7 +375,7 @@ def _torch_version() -> tuple[int, int]:
 
 
 def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
-            mode: str = "eager") -> SlimFitModule:
+            mode: str = "eager", blocks: str | None = None) -> SlimFitModule:
     """Compile ``model`` for memory-efficient fine-tuning.
 
     Returns a ``SlimFitModule``: same forward signature and outputs (HF
@@ -407,6 +394,12 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     bytes) and a guard filter that lets the frozen set change every step without
     recompiling (``slimfit_fx.integrations.dynamo``); the graph is compiled on the
     first training call.
+
+    ``blocks="auto"`` captures each kind of repeated block (HF encoder and decoder layers) once and
+    runs every block of that kind through the one rewritten graph, called as the block module; the
+    code around the blocks is one graph of its own (``slimfit_fx.blocks``).  Capture time stays
+    about constant in depth and predictions are those of a whole capture.  A model without repeated
+    blocks is captured whole, with a warning.  ``blocks=None`` captures the whole model as one graph.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"slimfit_fx.compile needs an nn.Module, got {type(model).__name__}")
@@ -416,6 +409,9 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     if not isinstance(config, SlimFitConfig):
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
     if mode == "compiled":
+        if blocks is not None:
+            raise ValueError("blocks='auto' captures with torch.export (mode='eager'); torch.compile (mode='compiled') "
+                             "captures its own graphs: drop one of the two")
         if _torch_version() < (2, 9):
             raise RuntimeError(
                 f"slimfit_fx.compile(mode='compiled') needs torch>=2.9 (torch.compile's guard_filter_fn option, "
@@ -426,7 +422,7 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
         return CompiledSlimFitModule(model, config, example_inputs)
     if mode != "eager":
         raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
-    return SlimFitModule(model, config, example_inputs)
+    return SlimFitModule(model, config, example_inputs, blocks=blocks)
 
 
 class _InPlaceForward:
@@ -447,11 +443,12 @@ class _InPlaceForward:
         if slim is None or not model.training or not torch.is_grad_enabled():
             return base(*args, **kwargs)
         slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
-        args, kwargs = _as_keywords(model, args, kwargs)
+        args, kwargs = call_by_name(model, args, kwargs)
         return slim(*args, **kwargs)
 
 
-def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None) -> SlimFitModule:
+def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
+                     blocks: str | None = None) -> SlimFitModule:
     """Make ``model`` train through the SlimFit graph without replacing the object.
 
     Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
@@ -463,7 +460,7 @@ def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimF
     existing = getattr(model, "_slimfit_module", None)
     if existing is not None:
         return existing
-    slim = compile(model, example_inputs, config)
+    slim = compile(model, example_inputs, config, blocks=blocks)
     # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
     object.__setattr__(model, "_slimfit_module", slim)
     object.__setattr__(model, "forward", _InPlaceForward(model, model.__dict__.get("forward")))

@@ -28,7 +28,7 @@ from torch import fx, nn
 
 from .precision import autocast_state, materialize_autocast
 
-__all__ = ["TraceError", "trace", "normalize_inputs", "Inputs"]
+__all__ = ["TraceError", "trace", "normalize_inputs", "Inputs", "call_by_name", "inputs_of"]
 
 
 class TraceError(RuntimeError):
@@ -86,8 +86,9 @@ def _wants_no_cache(model: nn.Module, inputs: Inputs) -> bool:
     return "use_cache" in params and bool(getattr(getattr(model, "config", None), "use_cache", False))
 
 
-def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> tuple | dict:
-    """Batch (dim 0) of every tensor, and sequence (dim 1) of integer token-like tensors.
+def _dynamic_shapes(model: nn.Module, inputs: Inputs, every_dim: bool = False) -> tuple | dict:
+    """Batch (dim 0) of every tensor, and sequence (dim 1) of integer token-like tensors; with
+    ``every_dim``, every dim of every tensor, nested ones included (a block's hidden states and masks).
 
     ``Dim.AUTO`` lets export specialise a dim the model forces to a constant
     instead of failing, so marking too much dynamic is harmless.  Export wants
@@ -96,7 +97,16 @@ def _dynamic_shapes(model: nn.Module, inputs: Inputs) -> tuple | dict:
     """
     from torch.export import Dim
 
+    def every(v):
+        if isinstance(v, torch.Tensor):
+            return {d: Dim.AUTO for d in range(v.dim())} or None
+        if isinstance(v, (tuple, list)):
+            return type(v)(every(x) for x in v)
+        return None
+
     def spec(v):
+        if every_dim:
+            return every(v)
         if not isinstance(v, torch.Tensor) or v.dim() == 0:
             return None
         dims = {0: Dim.AUTO}
@@ -206,11 +216,14 @@ def trace(
     *,
     dynamic: bool = True,
     verbose: bool = False,
+    every_dim: bool = False,
 ) -> fx.GraphModule:
     """Capture ``model`` as an ATen training-IR GraphModule sharing the model's parameters.
 
     ``example_inputs``: dict of keyword arguments or tuple of positional ones.
     ``dynamic``: batch and sequence dims symbolic (one graph serves other shapes).
+    ``every_dim``: with ``dynamic``, every dim of every input symbolic (a block's inputs: hidden
+    states and masks whose sequence dims are float tensors' dims 1-3).
     ``verbose``: show what torch prints while capturing even when the capture fails (a partial
     graph, thousands of lines; also ``SLIMFIT_VERBOSE=1``).
     The graph is captured in the model's current mode (``model.training``): dropout
@@ -225,7 +238,7 @@ def trace(
     inputs = normalize_inputs(example_inputs)
     autocast = autocast_state()
     target = _ExplicitKwargs.wrap_if_needed(model, inputs) if dynamic else model
-    shapes = _dynamic_shapes(target, inputs) if dynamic else None
+    shapes = _dynamic_shapes(target, inputs, every_dim) if dynamic else None
     verbose = verbose or os.environ.get("SLIMFIT_VERBOSE", "") not in ("", "0")
     torch_output = io.StringIO()
     try:
@@ -345,6 +358,54 @@ def _hf_eager_mask_decisions():
         for n, fn in originals.items():
             setattr(mu, n, fn)
         mu.is_torchdynamo_exporting = exporting
+
+
+class _Stop(Exception):
+    pass
+
+
+def call_by_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``((), kwargs)``: a call's arguments by the forward's own names, Nones dropped (a backbone called
+    positionally by its head; export pairs dynamic shapes with names).  As given if they do not bind."""
+    forward = type(module).forward
+    try:
+        bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
+    except TypeError:
+        return tuple(args), dict(kwargs)
+    params = inspect.signature(forward).parameters
+    named = {}
+    for k, v in list(bound.items())[1:]:  # [0] is self
+        if params[k].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        elif params[k].kind is inspect.Parameter.VAR_POSITIONAL:
+            if v:
+                return tuple(args), dict(kwargs)
+        elif v is not None or params[k].default is inspect.Parameter.empty:
+            named[k] = v  # a None the forward requires (CLIP's attention_mask) stays
+    return (), named
+
+
+def inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    """The (args, kwargs) ``model(*args, **kwargs)`` calls ``submodule`` with: the call is cut short in a
+    forward pre-hook of the submodule, before anything of it runs (no compute, no RNG drawn)."""
+    seen: list = []
+
+    def hook(module, a, kw):
+        seen.append(call_by_name(module, a, kw))
+        raise _Stop
+
+    handle = submodule.register_forward_pre_hook(hook, with_kwargs=True)
+    installed = submodule.__dict__.pop("forward", None)  # reach the module's own call, not compile_in_place's
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+        if installed is not None:
+            submodule.__dict__["forward"] = installed
+    return seen[0] if seen else None
 
 
 def _share_with_model(gm: fx.GraphModule, model: nn.Module) -> None:

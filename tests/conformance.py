@@ -102,7 +102,7 @@ def _max_diff(grads, ref):
     return max((float((g - ref[k]).abs().max()) for k, g in grads.items()), default=0.0)
 
 
-def measure(name: str) -> Conformance:
+def measure(name: str, blocks: str | None = None) -> Conformance:
     torch.manual_seed(0)
     model, inputs = FAMILIES[name]()
     model.train()
@@ -114,14 +114,14 @@ def measure(name: str) -> Conformance:
     carrying = [k for k, g in ref_grads.items() if g.norm() >= 1e-6 * total]
     eager_saved = saved_bytes(lambda: loss_of(model, inputs), params=model)
 
-    off = slimfit_fx.compile(model, inputs, SlimFitConfig.off())
+    off = slimfit_fx.compile(model, inputs, SlimFitConfig.off(), blocks=blocks)
     loss = loss_of(off, inputs)
     loss.backward()
     off_loss, off_grad = float((loss - ref).detach().abs()), _max_diff(take_grads(model), ref_grads)
     measured = saved_bytes(lambda: loss_of(off, inputs), params=model)
     predictions = {"off()": (off.plan.predict().activations, planned_part(off, inputs, measured))}
 
-    slim = slimfit_fx.compile(model, inputs)
+    slim = slimfit_fx.compile(model, inputs, blocks=blocks)
     loss = loss_of(slim, inputs)
     loss.backward()
     grads = take_grads(model)
@@ -142,6 +142,7 @@ def measure(name: str) -> Conformance:
     if slim.backbone is None:  # a backbone-only capture is analysed at the captured shape (the plan)
         for label, shape in small_shapes(inputs).items():
             measured = saved_bytes(lambda: loss_of(slim, shape), params=model)
-            result.predictions[label] = (slimfit_fx.analyze(model, shape, SlimFitConfig()).predict().activations,
-                                         measured)
+            plan = (slimfit_fx.analyze(model, shape, SlimFitConfig()) if blocks is None
+                    else slim.plan_for_call((), shape))
+            result.predictions[label] = (plan.predict().activations, measured)
     return result

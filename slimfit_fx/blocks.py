@@ -1,0 +1,452 @@
+"""Per-block capture: ``slimfit_fx.compile(model, blocks="auto")``.
+
+Takes a model and a training call.  Its *stacks* are the ``nn.ModuleList``s of two or more blocks of
+one class with equal parameter shapes (HF encoder and decoder layers); blocks of one *kind* also
+agree on every plain attribute but their layer index.  Gives a :class:`Blockwise` graph-cache entry:
+
+* one captured graph of the code around the blocks, in which every block call is one node that calls
+  the block *module* (so its hooks fire, FSDP2's among them);
+* one captured and rewritten graph per kind of block, run for each block of that kind on the
+  block's own parameters;
+* the MemoryPlan of that computation, priced on the graph with every block inlined: the graph a
+  whole-model capture gives, so predictions are those of a whole capture.
+
+Capture costs one export of the code around the blocks plus one per kind, whatever the depth.
+``capture`` returns ``None`` with the reason when the model does not fit this shape (no stack, a
+block called twice or returning more than its hidden states): the caller captures the whole model.
+
+Must never: run one kind's graph for a block of another kind, or leave a block's ``forward``
+replaced after a call returns.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .analysis import grad_reachable, storage_ref
+from .config import SlimFitConfig
+from .extend import pipeline, register_rule
+from .precision import autocast_disabled
+from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, _share_with_model, call_by_name, inputs_of,
+                    trace)
+
+__all__ = ["Blockwise", "Stack", "find_stacks", "capture"]
+
+_INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_index"})
+
+
+@torch.library.custom_op("slimfit::block", mutates_args=())
+def block_stand_in(index: int, hidden: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stands for block ``index`` while the code around the blocks is captured; never runs."""
+    raise RuntimeError("slimfit::block only stands for a block in a captured graph; it does not run")
+
+
+@block_stand_in.register_fake
+def _(index: int, hidden: int, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.empty_like(tensors[hidden])
+
+
+# Seen by the passes that run on the graph around the blocks: the block's own graph keeps its tensors.
+register_rule(block_stand_in, lambda node, ctx: [])
+
+
+class Unsupported(Exception):
+    """The model does not fit per-block capture; the message says why."""
+
+
+@dataclass
+class Stack:
+    """A run of blocks: ``prefix`` is the ModuleList's qualified name."""
+
+    prefix: str
+    blocks: nn.ModuleList
+
+
+def _shape_key(block: nn.Module) -> tuple:
+    return type(block), tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, (tuple, list)) else value
+
+
+def kind_of(block: nn.Module) -> tuple:
+    """What one graph may serve: class, parameter shapes and every plain attribute of every submodule
+    (a sliding-window layer differs from a global one), the layer index left out unless a module
+    computes with it (GPT-2's ``scale_attn_by_inverse_layer_idx``)."""
+    uses_index = any(getattr(m, "scale_attn_by_inverse_layer_idx", False) for m in block.modules())
+    attributes = []
+    for path, m in block.named_modules():
+        for name, value in sorted(vars(m).items()):
+            if name.startswith("_") or not _plain(value):
+                continue
+            if name in _INDEX_ATTRIBUTES and not uses_index:
+                continue
+            attributes.append((path, name, _hashable(value)))
+    return _shape_key(block), tuple(attributes)
+
+
+def _is_stack(module: nn.Module) -> bool:
+    """Two or more blocks of one class, two of them with equal parameter shapes (T5's first block
+    alone holds the relative-position table; Swin's stages, of growing width, are not a stack)."""
+    if not isinstance(module, nn.ModuleList) or len(module) < 2 or len({type(b) for b in module}) > 1:
+        return False
+    keys = [_shape_key(b) for b in module]
+    return bool(keys[0][1]) and max(keys.count(k) for k in keys) >= 2
+
+
+def find_stacks(model: nn.Module) -> list[Stack]:
+    """The model's stacks, outermost first (a stack's own blocks are not searched)."""
+    stacks: list[Stack] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            if _is_stack(child):
+                stacks.append(Stack(path, child))
+            else:
+                visit(path, child)
+
+    visit("", model)
+    return stacks
+
+
+@dataclass
+class _Call:
+    """How the model calls one block, by its forward's names (Nones dropped): the non-tensor leaves
+    and the structure, with the tensors' positions among the leaves."""
+
+    spec: pytree.TreeSpec
+    constants: list
+    tensor_at: list[int]
+
+    @classmethod
+    def of(cls, args: tuple, kwargs: dict) -> "_Call":
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensor_at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+        constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
+        return cls(spec, constants, tensor_at)
+
+    def tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        leaves = pytree.tree_leaves((args, kwargs))
+        return [leaves[i] for i in self.tensor_at]
+
+    def rebuild(self, tensors) -> tuple[tuple, dict]:
+        leaves = list(self.constants)
+        for i, t in zip(self.tensor_at, tensors):
+            leaves[i] = t
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def same_as(self, other: "_Call") -> bool:
+        return (self.spec == other.spec and self.tensor_at == other.tensor_at
+                and all(a == b for a, b in zip(self.constants, other.constants)))
+
+
+@dataclass
+class _Kind:
+    """One kind of block: how it is called, what it returns, and its captured graph."""
+
+    members: list[int]
+    call: _Call
+    out_leaves: list  # the output's leaves, the hidden states' place included
+    out_spec: pytree.TreeSpec
+    hidden_out: int  # the output leaf that is the block's hidden states
+    hidden_in: int  # the input tensor (among the call's tensors) of the same shape and dtype
+    graph: fx.GraphModule | None = None
+    example: tuple | None = None  # the first block's (args, kwargs) until its graph is captured
+
+
+@dataclass
+class Captured:
+    """``graph``: what runs (the code around the blocks, each block call a call of the block module
+    through its kind's rewritten graph); None when only the plan was asked for.  ``inlined``: the
+    same computation with every block's captured graph inlined, not rewritten: what is priced."""
+
+    graph: fx.GraphModule | None
+    inlined: fx.GraphModule
+    blocks: int
+    kinds: int
+
+
+class _Model:
+    """The blocks of one model, in call order, with their names and kinds."""
+
+    def __init__(self, model: nn.Module):
+        stacks = find_stacks(model)
+        if not stacks:
+            raise Unsupported("has no stack of repeated blocks (an nn.ModuleList of two or more blocks of "
+                              "one class)")
+        self.model = model
+        self.blocks = [b for st in stacks for b in st.blocks]
+        self.names = [f"{st.prefix}.{i}" for st in stacks for i in range(len(st.blocks))]
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(self.blocks):
+            groups.setdefault(kind_of(b), []).append(i)
+        self.groups = list(groups.values())
+        self.kind_index = [0] * len(self.blocks)
+        for k, members in enumerate(self.groups):
+            for i in members:
+                self.kind_index[i] = k
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, *, dynamic: bool = True,
+            assemble: bool = True) -> Captured:
+    """Capture ``model`` block by block for a training call (the model in training mode); raises
+    :class:`Unsupported` where it does not fit (the caller captures the whole model)."""
+    blocks = _Model(model)
+    inputs = Inputs(tuple(args), dict(kwargs))
+    with _no_kv_cache(model, inputs), _hf_eager_mask_decisions():
+        kinds = [_probe_kind(blocks, members, args, kwargs) for members in blocks.groups]
+        around = _capture_around(blocks, kinds, inputs, dynamic)
+        reachable = grad_reachable(around)
+        for kind in kinds:
+            _capture_kind(blocks, kind, around, reachable, dynamic)
+    inlined = _inline(around, blocks, kinds)
+    graph = _assemble(around, blocks, kinds, config) if assemble else None
+    return Captured(graph, inlined, len(blocks.blocks), len(kinds))
+
+
+def _probe_kind(blocks: _Model, members: list[int], args, kwargs) -> _Kind:
+    """How the model calls the first block of a kind and what the block returns: the model runs up to
+    the block, and the block once, without grad (the user's random stream is kept)."""
+    first = members[0]
+    block, name = blocks.blocks[first], blocks.names[first]
+    with _rng_kept(args, kwargs), _as_when_exporting():
+        call = inputs_of(block, blocks.model, args, kwargs)
+        if call is None:
+            raise Unsupported(f"does not call its block {name} in this forward")
+        with torch.no_grad():
+            out = block(*call[0], **call[1])
+    leaves, out_spec = pytree.tree_flatten(out)
+    tensor_at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    signature = _Call.of(*call)
+    tensors = signature.tensors(*call)
+    if len(tensor_at) != 1:
+        raise Unsupported(f"block {name} returns {len(tensor_at)} tensors; per-block capture needs blocks "
+                          "that return their hidden states alone")
+    hidden = leaves[tensor_at[0]]
+    hidden_in = next((i for i, t in enumerate(tensors) if t.shape == hidden.shape and t.dtype == hidden.dtype),
+                     None)
+    if hidden_in is None:
+        raise Unsupported(f"block {name} returns a tensor of another shape than any of its inputs")
+    return _Kind(members, signature, [None if isinstance(v, torch.Tensor) else v for v in leaves], out_spec,
+                 tensor_at[0], hidden_in, example=call)
+
+
+def _capture_kind(blocks: _Model, kind: _Kind, around: fx.GraphModule, reachable: set[str], dynamic: bool):
+    """The kind's graph, captured on its first block's inputs.  An input requires grad where, in the
+    graph around the blocks, a gradient can reach what any block of the kind is fed (the hidden
+    states; not a mask), so the analysis and the passes see the same gradients as in a whole capture."""
+    fed = [n.args[2] for n in around.graph.nodes if _is_stand_in(n) and n.args[0] in set(kind.members)]
+    with_grad = {j for feeds in fed for j, t in enumerate(feeds) if t.name in reachable}
+    tensors = kind.call.tensors(*kind.example)
+    tensors = [t.detach().requires_grad_(True) if j in with_grad else t for j, t in enumerate(tensors)]
+    a, kw = kind.call.rebuild(tensors)
+    with _quiet_export():
+        kind.graph = trace(blocks.blocks[kind.members[0]], Inputs(tuple(a), dict(kw)), dynamic=dynamic,
+                           every_dim=True)
+    kind.example = None  # not held: the user's batch
+
+
+@contextmanager
+def _rng_kept(args, kwargs):
+    """Running the model up to a block draws dropout masks: the user's random stream stays as it was."""
+    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextmanager
+def _as_when_exporting():
+    """HF builds attention masks differently under export (it materialises a padding mask eager may
+    skip); the blocks' inputs are taken as the capture will see them."""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    exporting = getattr(masking_utils, "is_torchdynamo_exporting", None)
+    if exporting is None:
+        yield
+        return
+    masking_utils.is_torchdynamo_exporting = lambda: True
+    try:
+        yield
+    finally:
+        masking_utils.is_torchdynamo_exporting = exporting
+
+
+@contextmanager
+def _quiet_export():
+    """Export logs a warning for every dim of size 1 it specialises: expected for a block's masks."""
+    logger = logging.getLogger("torch._export.non_strict_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _capture_around(blocks: _Model, kinds: list[_Kind], inputs: Inputs, dynamic: bool) -> fx.GraphModule:
+    """The model captured with every block standing as one ``slimfit::block`` node."""
+    seen: set[int] = set()
+    problems: list[str] = []
+
+    def stand_in(index: int):
+        kind = kinds[blocks.kind_index[index]]
+        block = blocks.blocks[index]
+
+        def forward(*args, **kwargs):
+            a, kw = call_by_name(block, args, kwargs)
+            call = _Call.of(a, kw)
+            if index in seen:
+                problems.append(f"calls its block {blocks.names[index]} twice in one forward")
+            elif not call.same_as(kind.call):
+                problems.append(f"calls {blocks.names[index]} with other arguments than "
+                                f"{blocks.names[kind.members[0]]}")
+            seen.add(index)
+            out = list(kind.out_leaves)
+            out[kind.hidden_out] = block_stand_in(index, kind.hidden_in, call.tensors(a, kw))
+            return pytree.tree_unflatten(out, kind.out_spec)
+
+        return forward
+
+    with _forwards({i: stand_in(i) for i in range(len(blocks.blocks))}, blocks.blocks):
+        around = trace(blocks.model, inputs, dynamic=dynamic)
+    missing = [n for i, n in enumerate(blocks.names) if i not in seen]
+    if problems or missing:
+        raise Unsupported(problems[0] if problems else f"does not call its block {missing[0]} in this forward")
+    return around
+
+
+@contextmanager
+def _forwards(forwards: dict, modules: list[nn.Module]):
+    """Give ``modules[i]`` the instance forward ``forwards[i]`` for the length of the block."""
+    previous = {i: modules[i].__dict__.get("forward") for i in forwards}
+    for i, f in forwards.items():
+        object.__setattr__(modules[i], "forward", f)
+    try:
+        yield
+    finally:
+        for i, f in previous.items():
+            if f is None:
+                del modules[i].__dict__["forward"]
+            else:
+                object.__setattr__(modules[i], "forward", f)
+
+
+def _is_stand_in(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops.slimfit.block.default
+
+
+def _attribute(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind]) -> fx.GraphModule:
+    """The graph a whole-model capture gives: every stand-in replaced by its kind's graph, reading
+    the block's own parameters under their whole-model names."""
+    graph, env, attributes = fx.Graph(), {}, {}
+    for n in around.graph.nodes:
+        if _is_stand_in(n):
+            index = n.args[0]
+            env[n] = _inline_block(graph, kinds[blocks.kind_index[index]], blocks.blocks[index],
+                                   blocks.names[index], [env[t] for t in n.args[2]], attributes)
+            continue
+        if n.op in ("get_attr", "call_module"):
+            attributes[n.target] = _attribute(around, n.target)
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    gm = fx.GraphModule(attributes, graph)
+    gm.meta.update(around.meta)
+    return gm
+
+
+def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, tensors: list, attributes: dict):
+    env: dict = {}
+    feed = iter(tensors)
+    fed: dict = {}  # an input's FakeTensor storage -> the storage of what this copy is fed
+    result = None
+    for n in kind.graph.graph.nodes:
+        if n.op == "placeholder":
+            if isinstance(n.meta.get("val"), torch.Tensor):
+                env[n] = next(feed)
+                fed[StorageWeakRef(n.meta["val"].untyped_storage())] = storage_ref(env[n], env[n].meta["val"])
+            elif any(u.op != "call_module" for u in n.users):  # read by more than export's guards
+                raise Unsupported(f"block {name}'s graph reads a non-tensor input ({n.name})")
+        elif n.op == "call_module":
+            continue  # export's input guards: checked where the block runs
+        elif n.op == "output":
+            result = env[pytree.tree_leaves(n.args[0])[kind.hidden_out]]
+        elif n.op == "get_attr":
+            qualified = f"{name}.{n.target}"
+            try:
+                attributes[qualified] = _attribute(block, n.target)
+            except AttributeError:  # a constant export lifted into the graph
+                attributes[qualified] = _attribute(kind.graph, n.target)
+            env[n] = graph.get_attr(qualified)
+            env[n].meta = dict(n.meta)
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+            env[n].meta.update(slimfit_copy=name, slimfit_storages=fed)  # copies share FakeTensors, not storages
+    return result
+
+
+def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config: SlimFitConfig) -> fx.GraphModule:
+    """Rewrite each kind's graph and the graph around the blocks; each stand-in becomes a call of its
+    block module.  The kinds' graphs and how many blocks each serves are in ``meta["slimfit_blocks"]``."""
+    for kind in kinds:
+        for _, rewrite in pipeline():
+            kind.graph = rewrite(kind.graph, config)
+    for _, rewrite in pipeline():
+        around = rewrite(around, config)
+    for n in list(around.graph.nodes):
+        if not _is_stand_in(n):
+            continue
+        index = n.args[0]
+        with around.graph.inserting_before(n):
+            call = around.graph.call_function(_runner(blocks, kinds[blocks.kind_index[index]], index),
+                                              (n.args[2],))
+        call.meta = dict(n.meta)
+        n.replace_all_uses_with(call)
+        around.graph.erase_node(n)
+    around.recompile()
+    around.meta["slimfit_blocks"] = [(kind.graph, len(kind.members)) for kind in kinds]
+    return around
+
+
+def _runner(blocks: _Model, kind: _Kind, index: int):
+    """What a block's node calls: the block module (its hooks fire) running its kind's graph on its
+    own parameters."""
+    block = blocks.blocks[index]
+    graph = kind.graph
+
+    def forward(*args, **kwargs):
+        _share_with_model(graph, block)
+        with autocast_disabled(graph.meta.get("autocast")):
+            return graph(*args, **kwargs)
+
+    def slimfit_block(tensors):
+        args, kwargs = kind.call.rebuild(tensors)
+        with _forwards({0: forward}, [block]):
+            out = block(*args, **kwargs)
+        return pytree.tree_leaves(out)[kind.hidden_out]
+
+    return slimfit_block
