@@ -498,3 +498,25 @@ def test_loss_drop_metric_scores_the_first_order_loss_decrease():
         assert sched.scores[i].item() == pytest.approx(value, rel=1e-5)
     with pytest.raises(ConfigError, match="metric"):
         Scheduler(model, opt, Ratio(0.5), metric="size")
+
+
+def test_the_default_metric_caps_a_large_tensor_and_ignores_the_weights_scale():
+    from slimfit_fx.scheduler import CAPPED_ELEMENTS, METRICS, capped_loss_drop, loss_drop, relative_change
+
+    model = torch.nn.Linear(2, 2)
+    assert Scheduler(model, torch.optim.SGD(model.parameters(), lr=0.1)).metric == "capped_loss_drop"
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(CAPPED_ELEMENTS * 4, generator=g)
+    grad = torch.randn(before.shape, generator=g)
+    after = before - 1e-3 * grad.sign()  # an Adam-like step: the same size for every element
+    assert capped_loss_drop(before, after, grad, 1e-8) == pytest.approx(loss_drop(before, after, grad, 1e-8) / 4)
+    small = before[:1000]
+    assert capped_loss_drop(small, after[:1000], grad[:1000], 1e-8) == loss_drop(small, after[:1000], grad[:1000], 1e-8)
+    # Ten times the weights, the same gradient and step: the paper's score drops tenfold, this one not.
+    step = after[:1000] - small
+
+    def scored(metric, scale):
+        return float(metric(small * scale, small * scale + step, grad[:1000], 1e-8))  # fresh: metrics may clobber
+
+    assert scored(relative_change, 10) < scored(relative_change, 1) / 5
+    assert scored(METRICS["capped_loss_drop"], 10) == pytest.approx(scored(capped_loss_drop, 1), rel=1e-3)

@@ -342,7 +342,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frozen-steps", type=_bound, default="auto",
                    help="the Ratio schedulers' staleness bound: auto (the default), none, or a number of iterations")
     p.add_argument("--metric", choices=sorted(slimfit_fx.scheduler.METRICS), default="relative_change",
-                   help="the Scheduler's layer score (ratio and budget settings)")
+                   help="the Scheduler's layer score (ratio and budget settings); the tool's settings use the paper's "
+                        "relative_change, the library's default is capped_loss_drop")
     p.add_argument("--formats", choices=sorted(FORMATS), default="default",
                    help="saved-activation formats of the compiled settings: SlimFitConfig() (per-group "
                         "min/max), SlimFitConfig.paper() (the paper's fixed-point formats), off() (no rewrite) "
