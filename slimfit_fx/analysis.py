@@ -1167,6 +1167,8 @@ def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
             layer_op[n.name] = last_layer
         if node_kind[n.name] != "op" or n.name in inner:
             continue
+        if n.meta.get("slimfit_recomputed"):
+            continue  # a recomputed block (slimfit_fx.blocks): its checkpoint keeps its inputs instead
         key = op_key(n.target)
         rule = OP_TABLE.get(key)
         if n.name in fusions:

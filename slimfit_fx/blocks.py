@@ -21,18 +21,20 @@ replaced after a call returns.
 from __future__ import annotations
 
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from .analysis import grad_reachable, storage_ref
 from .config import SlimFitConfig
-from .extend import pipeline, register_rule
+from .extend import Save, pipeline, register_rule
 from .precision import autocast_disabled
 from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, _share_with_model, call_by_name, inputs_of,
                     trace)
@@ -55,6 +57,22 @@ def _(index: int, hidden: int, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 # Seen by the passes that run on the graph around the blocks: the block's own graph keeps its tensors.
 register_rule(block_stand_in, lambda node, ctx: [])
+
+
+@torch.library.custom_op("slimfit::checkpoint_inputs", mutates_args=())
+def checkpoint_inputs(tensors: list[torch.Tensor], parameters: list[torch.Tensor]) -> torch.Tensor:
+    """Marks, in the graph that is priced, what a recomputed block keeps: its tensor inputs, whenever
+    one of them or one of the block's parameters requires grad (then the checkpoint is recorded)."""
+    raise RuntimeError("slimfit::checkpoint_inputs only marks a recomputed block in a priced graph")
+
+
+@checkpoint_inputs.register_fake
+def _(tensors, parameters):
+    return tensors[0].new_empty(0, dtype=torch.float32)
+
+
+register_rule(checkpoint_inputs, lambda node, ctx: [Save("arg", 0, sub=j, role="checkpoint_input")
+                                                    for j in range(len(node.args[0]))])
 
 
 class Unsupported(Exception):
@@ -179,6 +197,7 @@ class Captured:
     inlined: fx.GraphModule
     blocks: int
     kinds: int
+    recomputed: set[int] = field(default_factory=set)  # blocks recomputed in backward (checkpoint)
 
 
 class _Model:
@@ -203,9 +222,11 @@ class _Model:
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, *, dynamic: bool = True,
-            assemble: bool = True) -> Captured:
+            assemble: bool = True, checkpoint=None, price=None) -> Captured:
     """Capture ``model`` block by block for a training call (the model in training mode); raises
-    :class:`Unsupported` where it does not fit (the caller captures the whole model)."""
+    :class:`Unsupported` where it does not fit (the caller captures the whole model).  ``checkpoint``:
+    None, ``"all"`` or a byte budget for the saved activations, met by recomputing the fewest blocks
+    (``price(inlined graph) -> bytes`` prices a choice)."""
     blocks = _Model(model)
     inputs = Inputs(tuple(args), dict(kwargs))
     with _no_kv_cache(model, inputs), _hf_eager_mask_decisions():
@@ -214,9 +235,33 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, 
         reachable = grad_reachable(around)
         for kind in kinds:
             _capture_kind(blocks, kind, around, reachable, dynamic)
-    inlined = _inline(around, blocks, kinds)
-    graph = _assemble(around, blocks, kinds, config) if assemble else None
-    return Captured(graph, inlined, len(blocks.blocks), len(kinds))
+    recomputed = _recomputed(checkpoint, len(blocks.blocks), lambda r: price(_inline(around, blocks, kinds, r)))
+    inlined = _inline(around, blocks, kinds, recomputed)
+    graph = _assemble(around, blocks, kinds, config, recomputed) if assemble else None
+    return Captured(graph, inlined, len(blocks.blocks), len(kinds), recomputed)
+
+
+def _recomputed(checkpoint, count: int, price) -> set[int]:
+    """The blocks to recompute: none, all, or the fewest (the last ones first) whose recompute brings
+    the saved activations within the budget; all, with a warning, when even that does not."""
+    if checkpoint is None:
+        return set()
+    if checkpoint == "all":
+        return set(range(count))
+    if price(set()) <= checkpoint:
+        return set()
+    low, high = 1, count  # saved bytes fall as more blocks are recomputed
+    while low < high:
+        mid = (low + high) // 2
+        if price(set(range(count - mid, count))) <= checkpoint:
+            high = mid
+        else:
+            low = mid + 1
+    chosen = set(range(count - low, count))
+    if low == count and price(chosen) > checkpoint:
+        warnings.warn(f"slimfit_fx: checkpoint={checkpoint} bytes: recomputing every block keeps {price(chosen)} "
+                      "bytes; every block is recomputed", RuntimeWarning, stacklevel=5)
+    return chosen
 
 
 def _probe_kind(blocks: _Model, members: list[int], args, kwargs) -> _Kind:
@@ -361,15 +406,21 @@ def _attribute(root: nn.Module, target: str):
     return obj
 
 
-def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind]) -> fx.GraphModule:
+def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], recomputed: set[int] = frozenset()
+            ) -> fx.GraphModule:
     """The graph a whole-model capture gives: every stand-in replaced by its kind's graph, reading
-    the block's own parameters under their whole-model names."""
+    the block's own parameters under their whole-model names.  A recomputed block keeps nothing of its
+    own (``meta["slimfit_recomputed"]``) and its inputs instead (a ``slimfit::checkpoint_inputs`` node)."""
     graph, env, attributes = fx.Graph(), {}, {}
     for n in around.graph.nodes:
         if _is_stand_in(n):
             index = n.args[0]
-            env[n] = _inline_block(graph, kinds[blocks.kind_index[index]], blocks.blocks[index],
-                                   blocks.names[index], [env[t] for t in n.args[2]], attributes)
+            fed = [env[t] for t in n.args[2]]
+            env[n], parameters = _inline_block(graph, kinds[blocks.kind_index[index]], blocks.blocks[index],
+                                               blocks.names[index], fed, attributes, index in recomputed)
+            if index in recomputed:
+                marker = graph.call_function(torch.ops.slimfit.checkpoint_inputs.default, (fed, parameters))
+                marker.meta["val"] = fed[0].meta["val"].new_empty(0, dtype=torch.float32)
             continue
         if n.op in ("get_attr", "call_module"):
             attributes[n.target] = _attribute(around, n.target)
@@ -379,11 +430,12 @@ def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind]) -> fx.Gr
     return gm
 
 
-def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, tensors: list, attributes: dict):
+def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, tensors: list, attributes: dict,
+                  recomputed: bool):
     env: dict = {}
     feed = iter(tensors)
     fed: dict = {}  # an input's FakeTensor storage -> the storage of what this copy is fed
-    result = None
+    result, parameters = None, []
     for n in kind.graph.graph.nodes:
         if n.op == "placeholder":
             if isinstance(n.meta.get("val"), torch.Tensor):
@@ -403,13 +455,17 @@ def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, ten
                 attributes[qualified] = _attribute(kind.graph, n.target)
             env[n] = graph.get_attr(qualified)
             env[n].meta = dict(n.meta)
+            if isinstance(attributes[qualified], nn.Parameter):
+                parameters.append(env[n])
         else:
             env[n] = graph.node_copy(n, lambda x: env[x])
-            env[n].meta.update(slimfit_copy=name, slimfit_storages=fed)  # copies share FakeTensors, not storages
-    return result
+            env[n].meta.update(slimfit_copy=name, slimfit_storages=fed,  # copies share FakeTensors, not storages
+                               slimfit_recomputed=recomputed)
+    return result, parameters
 
 
-def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config: SlimFitConfig) -> fx.GraphModule:
+def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config: SlimFitConfig,
+              recomputed: set[int]) -> fx.GraphModule:
     """Rewrite each kind's graph and the graph around the blocks; each stand-in becomes a call of its
     block module.  The kinds' graphs and how many blocks each serves are in ``meta["slimfit_blocks"]``."""
     for kind in kinds:
@@ -422,8 +478,8 @@ def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config
             continue
         index = n.args[0]
         with around.graph.inserting_before(n):
-            call = around.graph.call_function(_runner(blocks, kinds[blocks.kind_index[index]], index),
-                                              (n.args[2],))
+            call = around.graph.call_function(
+                _runner(blocks, kinds[blocks.kind_index[index]], index, index in recomputed), (n.args[2],))
         call.meta = dict(n.meta)
         n.replace_all_uses_with(call)
         around.graph.erase_node(n)
@@ -432,9 +488,10 @@ def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config
     return around
 
 
-def _runner(blocks: _Model, kind: _Kind, index: int):
+def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool):
     """What a block's node calls: the block module (its hooks fire) running its kind's graph on its
-    own parameters."""
+    own parameters; under ``recompute``, through ``torch.utils.checkpoint`` (reentrant: it keeps the
+    block's inputs with ``save_for_backward``, what the analysis prices and saved-tensor hooks see)."""
     block = blocks.blocks[index]
     graph = kind.graph
 
@@ -443,10 +500,22 @@ def _runner(blocks: _Model, kind: _Kind, index: int):
         with autocast_disabled(graph.meta.get("autocast")):
             return graph(*args, **kwargs)
 
-    def slimfit_block(tensors):
+    def call(*tensors):
         args, kwargs = kind.call.rebuild(tensors)
         with _forwards({0: forward}, [block]):
             out = block(*args, **kwargs)
         return pytree.tree_leaves(out)[kind.hidden_out]
+
+    def slimfit_block(tensors):
+        if not (recompute and torch.is_grad_enabled()):
+            return call(*tensors)
+        if not any(t.requires_grad for t in tensors):
+            if not any(p.requires_grad for p in block.parameters()):
+                return call(*tensors)  # nothing to record, as the analysis prices it
+            # Reentrant checkpoint gives parameters a gradient only through an input that requires grad;
+            # nothing upstream trains, so a leaf cut here loses nothing.
+            tensors = list(tensors)
+            tensors[kind.hidden_in] = tensors[kind.hidden_in].detach().requires_grad_(True)
+        return torch_checkpoint(call, *tensors, use_reentrant=True, preserve_rng_state=True)
 
     return slimfit_block

@@ -50,24 +50,56 @@ class ShardedParametersError(RuntimeError):
     """The module's parameters were sharded (FSDP2) after the graph was captured."""
 
 
-def _refuse_sharded(module: nn.Module) -> None:
-    """FSDP2 (``fully_shard``) swaps DTensor shards and unsharded copies in and out of the modules
-    around each forward; a captured graph keeps computing with the parameters it was captured with,
-    which then receive no gradient: training would silently do nothing."""
+def _sharding(module: nn.Module) -> tuple[bool, list[str]]:
+    """Whether FSDP2 (``fully_shard``) manages ``module`` or a submodule, and which parameters are DTensors."""
     try:
         from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        return
+        return False, []
     sharded = isinstance(module, FSDPModule) or any(isinstance(m, FSDPModule) for m in module.modules())
-    names = [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
-    if sharded or names:
-        where = f" ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''} are DTensors)" if names else ""
-        raise ShardedParametersError(
-            f"this slimfit_fx module is sharded by FSDP2 (fully_shard){where}: its captured graph would compute "
-            "with unsharded copies that never get a gradient, so nothing would train. Use "
-            "DistributedDataParallel around slimfit_fx.compile(model) (slimfit_fx.integrations.distributed."
-            "wrap_ddp), or fully_shard the plain model with the Scheduler (docs/DISTRIBUTED.md)")
+    return sharded, [n for n, p in module.named_parameters() if isinstance(p, DTensor)]
+
+
+def _refuse_sharded(module: "SlimFitModule") -> None:
+    """FSDP2 swaps DTensor shards and unsharded copies in and out of the modules around each
+    forward, in hooks of the modules it was applied to.  A per-block capture calls every block as its
+    module, so the hooks fire: it trains, with each block and the SlimFitModule itself (the root)
+    fully_shard-ed.  A whole-model graph never calls the blocks: it would compute with copies that
+    never get a gradient, and training would silently do nothing."""
+    sharded, names = _sharding(module)
+    if not (sharded or names):
+        return
+    graphs = [gm for gm in module._graphs.values() if isinstance(gm, fx.GraphModule)]
+    if graphs and all("slimfit_blocks" in gm.meta for gm in graphs):
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(module.original, FSDPModule) and not isinstance(module, FSDPModule):
+            raise ShardedParametersError(
+                "fully_shard was applied to the original model, whose hooks the compiled module never calls: apply "
+                "it to each block and then to the module slimfit_fx.compile returned (docs/DISTRIBUTED.md)")
+        return
+    where = f" ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''} are DTensors)" if names else ""
+    raise ShardedParametersError(
+        f"this slimfit_fx module is sharded by FSDP2 (fully_shard){where}: its captured graph would compute "
+        "with unsharded copies that never get a gradient, so nothing would train. Compile with "
+        "slimfit_fx.compile(model, example_inputs, blocks='auto') before fully_shard (each block, then the "
+        "compiled module), use DistributedDataParallel around slimfit_fx.compile(model) (slimfit_fx.integrations."
+        "distributed.wrap_ddp), or fully_shard the plain model with the Scheduler (docs/DISTRIBUTED.md)")
+
+
+def _check_blocks_and_checkpoint(blocks, checkpoint) -> str | None:
+    """The capture mode ``compile`` gets: checkpointing recomputes blocks, so it implies ``blocks="auto"``."""
+    if blocks not in (None, "auto"):
+        raise ValueError(f"blocks must be 'auto' (capture each repeated block once) or None (the whole model), "
+                         f"got {blocks!r}")
+    if checkpoint is None:
+        return blocks
+    if not (checkpoint == "all" or (isinstance(checkpoint, int) and not isinstance(checkpoint, bool)
+                                    and checkpoint > 0)):
+        raise ValueError(f"checkpoint must be None, 'all' (recompute every block) or a positive int (a byte budget "
+                         f"for the saved activations, met by recomputing the fewest blocks), got {checkpoint!r}")
+    return "auto"
 
 
 def _structure(args: tuple, kwargs: dict) -> tuple:
@@ -99,14 +131,13 @@ class SlimFitModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: SlimFitConfig, example_inputs: Any = None,
-                 blocks: str | None = None):
+                 blocks: str | None = None, checkpoint: str | int | None = None):
         super().__init__()
-        if blocks not in (None, "auto"):
-            raise ValueError(f"blocks must be 'auto' (capture each repeated block once) or None (the whole model), "
-                             f"got {blocks!r}")
+        blocks = _check_blocks_and_checkpoint(blocks, checkpoint)
         object.__setattr__(self, "original", model)
         object.__setattr__(self, "slimfit_config", config)
         object.__setattr__(self, "blocks", blocks)
+        object.__setattr__(self, "checkpoint", checkpoint)
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "plan", None)
         object.__setattr__(self, "plan_signature", None)  # shapes the plan was predicted for
@@ -140,6 +171,11 @@ class SlimFitModule(nn.Module):
         """A graph for calls like this one: with symbolic batch and sequence sizes (``dynamic``), or for
         exactly these shapes (where the symbolic graph's guards exclude them)."""
         model = self.original
+        if any(_sharding(self)):
+            raise ShardedParametersError(
+                "a training call that needs a new graph after fully_shard: capturing needs the unsharded parameters. "
+                "Give slimfit_fx.compile(model, example_inputs, blocks='auto') an example of each input structure "
+                "(tensor ranks and dtypes, autocast state) you train with, before fully_shard")
         names = self.__dict__.get("_names_from") or model
         captured = self._capture_blocks(args, kwargs, dynamic, assemble=True)
         if captured is not None:
@@ -173,11 +209,18 @@ class SlimFitModule(nn.Module):
         model = self.original
         was_training = model.training
         model.train()
+        names = self.__dict__.get("_names_from") or model
+
+        def price(inlined):
+            return plan_for_graph(inlined, self.slimfit_config, names).predict().activations
+
         try:
-            return capture_blocks(model, args, kwargs, self.slimfit_config, dynamic=dynamic, assemble=assemble)
+            return capture_blocks(model, args, kwargs, self.slimfit_config, dynamic=dynamic, assemble=assemble,
+                                  checkpoint=self.checkpoint, price=price)
         except Unsupported as exc:
+            off = f" (checkpoint={self.checkpoint!r} needs the blocks: nothing is recomputed)" if self.checkpoint else ""
             warnings.warn(f"slimfit_fx: blocks='auto': {type(model).__name__} {exc}; capturing the whole model "
-                          "instead", RuntimeWarning, stacklevel=5)
+                          f"instead{off}", RuntimeWarning, stacklevel=5)
             return None
         except TraceError:
             return None  # the whole-model capture meets it too, and says what to do (or trains the backbone)
@@ -194,7 +237,7 @@ class SlimFitModule(nn.Module):
         warnings.warn(f"slimfit_fx: {type(self.original).__name__} branches on tensor values outside its backbone "
                       f"({where}); the backbone `{prefix}` trains through SlimFit and the rest of the model runs "
                       "eagerly around it (not rewritten; plan covers the backbone)", RuntimeWarning, stacklevel=4)
-        inner = SlimFitModule(backbone, self.slimfit_config, blocks=self.blocks)
+        inner = SlimFitModule(backbone, self.slimfit_config, blocks=self.blocks, checkpoint=self.checkpoint)
         object.__setattr__(inner, "_names_from", self.original)  # the plan speaks the whole model's names
         inner_args = inputs_of(backbone, self.original, args, kwargs)
         if inner_args is not None:
@@ -375,7 +418,7 @@ def _torch_version() -> tuple[int, int]:
 
 
 def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
-            mode: str = "eager", blocks: str | None = None) -> SlimFitModule:
+            mode: str = "eager", blocks: str | None = None, checkpoint: str | int | None = None) -> SlimFitModule:
     """Compile ``model`` for memory-efficient fine-tuning.
 
     Returns a ``SlimFitModule``: same forward signature and outputs (HF
@@ -400,6 +443,12 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     code around the blocks is one graph of its own (``slimfit_fx.blocks``).  Capture time stays
     about constant in depth and predictions are those of a whole capture.  A model without repeated
     blocks is captured whole, with a warning.  ``blocks=None`` captures the whole model as one graph.
+
+    ``checkpoint`` (per-block capture implied): ``"all"`` recomputes every block in backward from
+    its inputs (``torch.utils.checkpoint``, reentrant), keeping only those; an int is a byte budget
+    for the saved activations (with nothing frozen), met by recomputing the fewest blocks, the last
+    first.  Results are those without checkpointing (the random stream is replayed); ``plan``
+    prices what is kept.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"slimfit_fx.compile needs an nn.Module, got {type(model).__name__}")
@@ -409,9 +458,9 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     if not isinstance(config, SlimFitConfig):
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
     if mode == "compiled":
-        if blocks is not None:
-            raise ValueError("blocks='auto' captures with torch.export (mode='eager'); torch.compile (mode='compiled') "
-                             "captures its own graphs: drop one of the two")
+        if blocks is not None or checkpoint is not None:
+            raise ValueError("blocks='auto' and checkpoint capture with torch.export (mode='eager'); torch.compile "
+                             "(mode='compiled') captures its own graphs: drop one of the two")
         if _torch_version() < (2, 9):
             raise RuntimeError(
                 f"slimfit_fx.compile(mode='compiled') needs torch>=2.9 (torch.compile's guard_filter_fn option, "
@@ -422,7 +471,7 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
         return CompiledSlimFitModule(model, config, example_inputs)
     if mode != "eager":
         raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
-    return SlimFitModule(model, config, example_inputs, blocks=blocks)
+    return SlimFitModule(model, config, example_inputs, blocks=blocks, checkpoint=checkpoint)
 
 
 class _InPlaceForward:
@@ -448,7 +497,7 @@ class _InPlaceForward:
 
 
 def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
-                     blocks: str | None = None) -> SlimFitModule:
+                     blocks: str | None = None, checkpoint: str | int | None = None) -> SlimFitModule:
     """Make ``model`` train through the SlimFit graph without replacing the object.
 
     Returns the SlimFitModule (its ``plan`` is set once a graph is captured).
@@ -460,7 +509,7 @@ def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimF
     existing = getattr(model, "_slimfit_module", None)
     if existing is not None:
         return existing
-    slim = compile(model, example_inputs, config, blocks=blocks)
+    slim = compile(model, example_inputs, config, blocks=blocks, checkpoint=checkpoint)
     # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
     object.__setattr__(model, "_slimfit_module", slim)
     object.__setattr__(model, "forward", _InPlaceForward(model, model.__dict__.get("forward")))

@@ -133,3 +133,56 @@ def test_pickles_and_recaptures_blockwise():
     torch.manual_seed(0)
     b = loss_of(clone, inputs)
     assert torch.equal(a, b) and _blockwise(clone)
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gemma2"])
+def test_checkpointing_recomputes_blocks_without_changing_results(name):
+    model, inputs = FAMILIES[name]()  # BERT's dropout: the recompute replays the random stream
+    model.train()
+    runs = {}
+    for checkpoint in (None, "all"):
+        slim = slimfit_fx.compile(model, inputs, blocks="auto", checkpoint=checkpoint)
+        loss = loss_of(slim, inputs)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        measured = saved_bytes(lambda: loss_of(slim, inputs), params=model)
+        runs[checkpoint] = (loss.detach(), grads, measured)
+        assert slim.plan.predict().activations == measured
+    (l0, g0, m0), (l1, g1, m1) = runs[None], runs["all"]
+    assert torch.equal(l0, l1) and all(torch.equal(g0[k], g1[k]) for k in g0)
+    assert m1 < m0 / 2
+
+
+def test_checkpointing_a_block_whose_input_needs_no_grad():
+    model, inputs = FAMILIES["llama"]()
+    for n, p in model.named_parameters():  # nothing upstream of the first block trains
+        p.requires_grad_("embed" not in n)
+    slim = slimfit_fx.compile(model, inputs, checkpoint="all")  # per-block capture implied
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    loss_of(slim, inputs).backward()
+    assert all(p.grad is not None for p in model.model.layers[0].parameters())
+    model.zero_grad(set_to_none=True)
+    assert slim.plan.predict(frozen).activations == saved_bytes(lambda: loss_of(slim, inputs), params=model)
+    for p in model.model.layers.parameters():  # a frozen block fed no gradient records nothing
+        p.requires_grad_(False)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert slim.plan.predict(frozen).activations == saved_bytes(lambda: loss_of(slim, inputs), params=model)
+
+
+def test_checkpoint_budget_recomputes_the_fewest_blocks():
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=64)
+    model = transformers.BertForSequenceClassification(cfg).train()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 8)), "labels": torch.tensor([0, 1])}
+    full = slimfit_fx.compile(model, inputs, blocks="auto").plan.predict().activations
+    every = slimfit_fx.compile(model, inputs, checkpoint="all").plan.predict().activations
+    budget = (full + every) // 2
+    slim = slimfit_fx.compile(model, inputs, checkpoint=budget)
+    kept = slim.plan.predict().activations
+    assert every < kept <= budget
+    assert kept == saved_bytes(lambda: slim(**inputs).loss, params=model)
+    with pytest.warns(RuntimeWarning, match="every block is recomputed"):
+        slimfit_fx.compile(model, inputs, checkpoint=1)
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        slimfit_fx.compile(model, checkpoint="some")

@@ -223,6 +223,21 @@ def _fsdp2_compiled(rank):
     return {"error_message": None}
 
 
+def _fsdp2_blockwise(rank):
+    # Per-block capture before sharding; fully_shard each block, then the compiled module (the root).
+    from torch.distributed.fsdp import fully_shard
+
+    model, inputs = _bert()
+    slim = slimfit_fx.compile(model, _shard(inputs, rank), blocks="auto")
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(slim)
+    opt = _optimizer(slim)
+    sched = slimfit_fx.Scheduler(slim, opt, RATIO, seed=0)
+    bad = _train(slim, slim, opt, _shard(inputs, rank), lambda: sched.frozen)
+    return {"params": _params(slim), "history": list(sched.history), "bad": bad}
+
+
 SCENARIOS = {
     "ddp_eager": _ddp_eager,
     "ddp_compiled": _ddp_compiled,
@@ -232,6 +247,7 @@ SCENARIOS = {
     "fsdp2_fixed": lambda rank: _fsdp2(rank, scheduled=False),
     "fsdp2_scheduled": lambda rank: _fsdp2(rank, scheduled=True),
     "fsdp2_compiled": _fsdp2_compiled,
+    "fsdp2_blockwise": _fsdp2_blockwise,
 }
 
 
@@ -395,6 +411,14 @@ def test_fsdp2_around_a_compiled_module_is_refused_not_silently_untrained(ranks)
     for res in _scenario(ranks, "fsdp2_compiled"):
         msg = res["error_message"]
         assert msg and "fully_shard" in msg and "wrap_ddp" in msg and "nothing would train" in msg
+
+
+def test_fsdp2_on_a_per_block_compiled_module_matches_one_process(ranks):
+    res = _scenario(ranks, "fsdp2_blockwise")
+    for r in range(WORLD):
+        assert res[r]["bad"] == [], res[r]["bad"][:5]
+    assert res[0]["history"] == res[1]["history"] == ranks["refs"]["compiled"]["history"]
+    _assert_same_on_ranks_and_close_to(res, ranks["refs"]["compiled_halves"], atol=1e-5)
 
 
 def test_ddp_kwargs_refuse_settings_that_break_freezing():

@@ -10,6 +10,8 @@ fp32, bf16-autocast, fp16-autocast (``torch.autocast`` around the forward) or bf
 Settings (rows, ``--settings``), all on one model whose parameters they share:
   pytorch           plain eager PyTorch (sdpa attention), every parameter trained
   checkpointing     HF gradient checkpointing, non-reentrant
+  selective-checkpointing  the same with torch's selective policy (create_selective_checkpoint_contexts:
+                    matmuls and attention kept, the rest recomputed)
   torch.compile     torch.compile(model) with torch._functorch.config.activation_memory_budget=0.5
   pytorch+freeze    plain eager PyTorch, 90% of the SlimFit layers frozen at random (seed 0)
   slimfit-off       slimfit_fx.compile(model, inputs, SlimFitConfig.off()), same frozen set: the
@@ -18,6 +20,8 @@ Settings (rows, ``--settings``), all on one model whose parameters they share:
   slimfit-paper     the same with SlimFitConfig.paper() (the paper's fixed-point formats)
   slimfit+offload   "slimfit_fx, everything on": slimfit as above, and the optimizer state of the
                     frozen parameters held by slimfit_fx.optim_state.FrozenStateStore (--offload-mode)
+  slimfit+checkpoint  slimfit_fx.compile(model, inputs, checkpoint="all"): per-block capture, every
+                    block recomputed in backward from its inputs, same frozen set
   slimfit+torch.compile  slimfit_fx.compile(model, inputs, mode="compiled"): the "slimfit" torch.compile
                     backend, same frozen set; compile time and step time against the eager slimfit row
 
@@ -76,17 +80,38 @@ WORKLOADS = {  # model -> (batch, seq): the issue's configurations
 SETTINGS = {
     "pytorch": "plain eager PyTorch",
     "checkpointing": "HF gradient checkpointing",
+    "selective-checkpointing": "torch selective checkpointing (matmuls and attention kept)",
     "torch.compile": "torch.compile, activation budget 0.5",
     "pytorch+freeze": "PyTorch + 90% frozen",
     "slimfit-off": "slimfit_fx off(), same frozen set",
     "slimfit": "slimfit_fx (default formats)",
     "slimfit-paper": "slimfit_fx (paper formats)",
     "slimfit+offload": "slimfit_fx, everything on",
+    "slimfit+checkpoint": "slimfit_fx, every block recomputed",
     "slimfit+torch.compile": "slimfit_fx through torch.compile",
 }
 ACTIVATION_MEMORY_BUDGET = 0.5
 PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
-CONFIGS = {"slimfit-off": SlimFitConfig.off, "slimfit": SlimFitConfig, "slimfit-paper": SlimFitConfig.paper}
+CONFIGS = {"slimfit-off": SlimFitConfig.off, "slimfit": SlimFitConfig, "slimfit-paper": SlimFitConfig.paper,
+           "slimfit+checkpoint": SlimFitConfig}
+COMPILE_KWARGS = {"slimfit+checkpoint": {"checkpoint": "all"}}  # per-block capture, every block recomputed
+# torch's selective activation checkpointing: keep what is costly to recompute, recompute the rest.
+SELECTIVE_SAVE = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default",
+                  "aten._scaled_dot_product_flash_attention_for_cpu.default",
+                  "aten._scaled_dot_product_flash_attention.default",
+                  "aten._scaled_dot_product_efficient_attention.default")
+
+
+def _selective_context():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    ops = []
+    for qualified in SELECTIVE_SAVE:
+        ns, name, overload = qualified.split(".")
+        packet = getattr(getattr(torch.ops, ns), name, None)
+        if packet is not None and hasattr(packet, overload):
+            ops.append(getattr(packet, overload))
+    return create_selective_checkpoint_contexts(ops)
 
 
 def log(msg: str) -> None:
@@ -151,16 +176,22 @@ class Plain(Setting):
 
 
 class Checkpointing(Setting):
-    name = "checkpointing"
+    name, mode = "checkpointing", "full"
 
     def activate(self):
         super().activate()
-        self.bench.checkpointing(True)
+        self.bench.checkpointing(self.mode)
 
     def setup(self):
         if not getattr(self.bench.model, "supports_gradient_checkpointing", False):
             raise SettingFailed(f"{type(self.bench.model).__name__} does not support HF gradient checkpointing")
         super().setup()
+
+
+class SelectiveCheckpointing(Checkpointing):
+    """HF's checkpointing with torch's selective policy (``create_selective_checkpoint_contexts``)."""
+
+    name, mode = "selective-checkpointing", "selective"
 
 
 class Compiled(Setting):
@@ -242,6 +273,13 @@ class EverythingOn(SlimFit):
         self.row["store_bytes"] = self.store.nbytes()
 
 
+class SlimFitCheckpoint(SlimFit):
+    """slimfit_fx with per-block capture and every block recomputed in backward (``checkpoint="all"``),
+    same frozen set."""
+
+    name = "slimfit+checkpoint"
+
+
 class SlimFitCompiled(SlimFit):
     """``slimfit_fx.compile(model, inputs, mode="compiled")``: the same passes on the graph dynamo
     captures (the ``"slimfit"`` backend), same frozen set.  Its warm-up step includes dynamo's
@@ -258,8 +296,9 @@ class SlimFitCompiled(SlimFit):
         self.plan = self.module.plan
 
 
-SETTING_CLASSES = {cls.name: cls for cls in (Plain, Checkpointing, Compiled, Freeze, SlimFitOff, SlimFit,
-                                             SlimFitPaper, EverythingOn, SlimFitCompiled)}
+SETTING_CLASSES = {cls.name: cls for cls in (Plain, Checkpointing, SelectiveCheckpointing, Compiled, Freeze,
+                                             SlimFitOff, SlimFit, SlimFitPaper, EverythingOn, SlimFitCheckpoint,
+                                             SlimFitCompiled)}
 assert list(SETTING_CLASSES) == list(SETTINGS)
 
 
@@ -284,18 +323,21 @@ class Bench:
         self._slimfit: dict = {}
         self._checkpointing = False
 
-    def checkpointing(self, on: bool) -> None:
-        """HF gradient checkpointing on or off (transformers 5 calls it activation checkpointing
-        and warns about the old names; the issue names the old call, which is the one used)."""
-        if on == self._checkpointing:
+    def checkpointing(self, mode) -> None:
+        """HF gradient checkpointing off (False), ``"full"`` or ``"selective"`` (torch's policy, through
+        HF's ``gradient_checkpointing_kwargs``).  transformers 5 calls it activation checkpointing and
+        warns about the old names; the issue names the old call, which is the one used."""
+        if mode == self._checkpointing:
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            if on:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_disable()
-        self._checkpointing = on
+            self.model.gradient_checkpointing_disable()
+            if mode:
+                kwargs = {"use_reentrant": False}
+                if mode == "selective":
+                    kwargs["context_fn"] = _selective_context
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointing = mode
 
     def optimizer_for(self, frozen: set[str]) -> torch.optim.Optimizer:
         """One AdamW (PyTorch's default implementation) per frozen set, shared by the settings
@@ -318,7 +360,8 @@ class Bench:
         if name not in self._slimfit:
             t0 = time.perf_counter()
             with self.precision():
-                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name]())
+                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name](),
+                                                         **COMPILE_KWARGS.get(name, {}))
             if name == "slimfit":
                 self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
         return self._slimfit[name]
