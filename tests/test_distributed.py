@@ -399,12 +399,16 @@ def test_fsdp2_with_fixed_freezing_matches_one_process(ranks):
     _assert_same_on_ranks_and_close_to(res, ranks["refs"]["fixed"], atol=1e-5)
 
 
-def test_fsdp2_with_the_scheduler_matches_one_process(ranks):
-    res = _scenario(ranks, "fsdp2_scheduled")
+def _assert_scheduled_like_one_process(ranks, scenario, reference):
+    res = _scenario(ranks, scenario)
     for r in range(WORLD):
         assert res[r]["bad"] == [], res[r]["bad"][:5]
-    assert res[0]["history"] == res[1]["history"] == ranks["refs"]["eager"]["history"]
-    _assert_same_on_ranks_and_close_to(res, ranks["refs"]["eager_halves"], atol=1e-5)
+    assert res[0]["history"] == res[1]["history"] == ranks["refs"][reference]["history"]
+    _assert_same_on_ranks_and_close_to(res, ranks["refs"][f"{reference}_halves"], atol=1e-5)
+
+
+def test_fsdp2_with_the_scheduler_matches_one_process(ranks):
+    _assert_scheduled_like_one_process(ranks, "fsdp2_scheduled", "eager")
 
 
 def test_fsdp2_around_a_compiled_module_is_refused_not_silently_untrained(ranks):
@@ -414,11 +418,7 @@ def test_fsdp2_around_a_compiled_module_is_refused_not_silently_untrained(ranks)
 
 
 def test_fsdp2_on_a_per_block_compiled_module_matches_one_process(ranks):
-    res = _scenario(ranks, "fsdp2_blockwise")
-    for r in range(WORLD):
-        assert res[r]["bad"] == [], res[r]["bad"][:5]
-    assert res[0]["history"] == res[1]["history"] == ranks["refs"]["compiled"]["history"]
-    _assert_same_on_ranks_and_close_to(res, ranks["refs"]["compiled_halves"], atol=1e-5)
+    _assert_scheduled_like_one_process(ranks, "fsdp2_blockwise", "compiled")
 
 
 def test_ddp_kwargs_refuse_settings_that_break_freezing():
