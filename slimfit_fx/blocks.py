@@ -36,7 +36,7 @@ from .analysis import grad_reachable, storage_ref
 from .config import SlimFitConfig
 from .extend import Save, pipeline, register_rule
 from .precision import autocast_disabled
-from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, _share_with_model, call_by_name, inputs_of,
+from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, call_by_name, inputs_of,
                     trace)
 
 __all__ = ["Blockwise", "Stack", "find_stacks", "capture"]
@@ -467,7 +467,8 @@ def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, ten
 def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config: SlimFitConfig,
               recomputed: set[int]) -> fx.GraphModule:
     """Rewrite each kind's graph and the graph around the blocks; each stand-in becomes a call of its
-    block module.  The kinds' graphs and how many blocks each serves are in ``meta["slimfit_blocks"]``."""
+    block module.  The kinds' graphs and how many blocks each serves are in ``meta["slimfit_blocks"]``,
+    the recomputed blocks' names in ``meta["slimfit_recomputed"]``."""
     for kind in kinds:
         for _, rewrite in pipeline():
             kind.graph = rewrite(kind.graph, config)
@@ -485,7 +486,27 @@ def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config
         around.graph.erase_node(n)
     around.recompile()
     around.meta["slimfit_blocks"] = [(kind.graph, len(kind.members)) for kind in kinds]
+    around.meta["slimfit_recomputed"] = [blocks.names[i] for i in sorted(recomputed)]
     return around
+
+
+def _slots(graph: fx.GraphModule, block: nn.Module) -> list[tuple[dict, str, dict, str]]:
+    """Where each parameter and buffer of ``graph`` lives and where ``block`` keeps its own:
+    (graph owner's dict, name, block owner's dict, name), so pointing the graph at a block is a
+    few dict assignments per call (what ``_share_with_model`` does, without walking the modules)."""
+    slots = []
+    for kind in ("_parameters", "_buffers"):
+        listing = graph.named_parameters if kind == "_parameters" else graph.named_buffers
+        for qualified, _ in listing(remove_duplicate=False):
+            owner, _, attr = qualified.rpartition(".")
+            try:
+                source = block.get_submodule(owner) if owner else block
+            except AttributeError:
+                continue  # a constant export lifted: not the block's
+            if attr in getattr(source, kind):
+                target = graph.get_submodule(owner) if owner else graph
+                slots.append((getattr(target, kind), attr, getattr(source, kind), attr))
+    return slots
 
 
 def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool):
@@ -494,9 +515,11 @@ def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool):
     block's inputs with ``save_for_backward``, what the analysis prices and saved-tensor hooks see)."""
     block = blocks.blocks[index]
     graph = kind.graph
+    slots = _slots(graph, block)
 
     def forward(*args, **kwargs):
-        _share_with_model(graph, block)
+        for into, attr, source, name in slots:  # the block's tensors now (FSDP2 swaps them around calls)
+            into[attr] = source[name]
         with autocast_disabled(graph.meta.get("autocast")):
             return graph(*args, **kwargs)
 

@@ -16,6 +16,8 @@ Named models (``KNOWN_MODELS``; dims of the public checkpoints):
 * ``gpt2``: GPT2LMHeadModel, 124M dims.
 * ``llama-1b``: LlamaForCausalLM with LLaMA-3.2-1B dims (1.24 B parameters,
   about 5 GB in fp32; building it takes tens of seconds).
+* ``llama-1b-4l``: the same widths, 4 layers (0.37 B parameters, most of them the
+  embedding): LLaMA widths that fit a CPU benchmark.
 * ``bert-tiny``, ``roberta-tiny``, ``vit-tiny``, ``gpt2-tiny``, ``llama-tiny``:
   hidden 64, 2 layers, for tests and quick looks (vit-tiny: 32 px, patch 8,
   10 labels).
@@ -85,6 +87,10 @@ _SPECS: dict[str, _Spec] = {
     "gpt2": _Spec("GPT2Config", "GPT2LMHeadModel", CAUSAL_LM, dict(use_cache=False)),
     "llama-1b": _Spec("LlamaConfig", "LlamaForCausalLM", CAUSAL_LM, dict(
         hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
+        tie_word_embeddings=True, use_cache=False)),
+    "llama-1b-4l": _Spec("LlamaConfig", "LlamaForCausalLM", CAUSAL_LM, dict(
+        hidden_size=2048, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072,
         tie_word_embeddings=True, use_cache=False)),
     "bert-tiny": _Spec("BertConfig", "BertForSequenceClassification", SEQ_CLS,

@@ -118,7 +118,8 @@ def _ddp_eager(rank):
     sched = slimfit_fx.Scheduler(model, opt, RATIO, seed=0)
     ddp = wrap_ddp(model)
     bad = _train(ddp, model, opt, _shard(inputs, rank), lambda: sched.frozen)
-    return {"params": _params(model), "history": list(sched.history), "bad": bad}
+    traffic = (ddp.slimfit_traffic.sent, ddp.slimfit_traffic.buckets)
+    return {"params": _params(model), "history": list(sched.history), "bad": bad, "traffic": traffic}
 
 
 def _ddp_compiled(rank):
@@ -223,7 +224,7 @@ def _fsdp2_compiled(rank):
     return {"error_message": None}
 
 
-def _fsdp2_blockwise(rank):
+def _fsdp2_blockwise(rank, frozen_state="keep"):
     # Per-block capture before sharding; fully_shard each block, then the compiled module (the root).
     from torch.distributed.fsdp import fully_shard
 
@@ -233,7 +234,7 @@ def _fsdp2_blockwise(rank):
         fully_shard(layer)
     fully_shard(slim)
     opt = _optimizer(slim)
-    sched = slimfit_fx.Scheduler(slim, opt, RATIO, seed=0)
+    sched = slimfit_fx.Scheduler(slim, opt, RATIO, seed=0, frozen_state=frozen_state)
     bad = _train(slim, slim, opt, _shard(inputs, rank), lambda: sched.frozen)
     return {"params": _params(slim), "history": list(sched.history), "bad": bad}
 
@@ -248,6 +249,7 @@ SCENARIOS = {
     "fsdp2_scheduled": lambda rank: _fsdp2(rank, scheduled=True),
     "fsdp2_compiled": _fsdp2_compiled,
     "fsdp2_blockwise": _fsdp2_blockwise,
+    "fsdp2_blockwise_offload": lambda rank: _fsdp2_blockwise(rank, frozen_state="offload"),
 }
 
 
@@ -337,6 +339,13 @@ def _assert_same_on_ranks_and_close_to(results, ref, atol):
 
 
 # ------------------------------------------------------------------------------------- tests
+def test_ddp_all_reduces_only_the_trained_layers(ranks):
+    for res in _scenario(ranks, "ddp_eager"):
+        sent, buckets = res["traffic"]
+        print(f"all-reduced {sent} of DDP's {buckets} bucket bytes over {STEPS} backward passes")
+        assert 0 < sent < buckets / 2
+
+
 def test_ddp_matches_one_process_on_the_global_batch(ranks):
     res = _scenario(ranks, "ddp_eager")
     _assert_same_on_ranks_and_close_to(res, ranks["refs"]["eager_halves"], atol=1e-5)
@@ -419,6 +428,10 @@ def test_fsdp2_around_a_compiled_module_is_refused_not_silently_untrained(ranks)
 
 def test_fsdp2_on_a_per_block_compiled_module_matches_one_process(ranks):
     _assert_scheduled_like_one_process(ranks, "fsdp2_blockwise", "compiled")
+
+
+def test_fsdp2_per_block_with_frozen_state_offloaded_matches_one_process(ranks):
+    _assert_scheduled_like_one_process(ranks, "fsdp2_blockwise_offload", "compiled")  # offload is exact
 
 
 def test_ddp_kwargs_refuse_settings_that_break_freezing():

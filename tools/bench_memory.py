@@ -94,12 +94,15 @@ ACTIVATION_MEMORY_BUDGET = 0.5
 PRECISIONS = ("fp32", "bf16-autocast", "fp16-autocast", "bf16")
 CONFIGS = {"slimfit-off": SlimFitConfig.off, "slimfit": SlimFitConfig, "slimfit-paper": SlimFitConfig.paper,
            "slimfit+checkpoint": SlimFitConfig}
-COMPILE_KWARGS = {"slimfit+checkpoint": {"checkpoint": "all"}}  # per-block capture, every block recomputed
 # torch's selective activation checkpointing: keep what is costly to recompute, recompute the rest.
 SELECTIVE_SAVE = ("aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.linear.default",
                   "aten._scaled_dot_product_flash_attention_for_cpu.default",
                   "aten._scaled_dot_product_flash_attention.default",
                   "aten._scaled_dot_product_efficient_attention.default")
+
+
+def _checkpoint(text: str):
+    return "all" if text == "all" else int(float(text) * 2**20)
 
 
 def _selective_context():
@@ -274,10 +277,15 @@ class EverythingOn(SlimFit):
 
 
 class SlimFitCheckpoint(SlimFit):
-    """slimfit_fx with per-block capture and every block recomputed in backward (``checkpoint="all"``),
-    same frozen set."""
+    """slimfit_fx with per-block capture and blocks recomputed in backward (``--checkpoint``: every
+    block, or the fewest that bring the saved activations within a budget), same frozen set."""
 
     name = "slimfit+checkpoint"
+
+    def setup(self):
+        super().setup()
+        recomputed = self.module.graph_module.meta.get("slimfit_recomputed", [])
+        self.row["note"] = f"checkpoint={self.bench.args.checkpoint}: {len(recomputed)} blocks recomputed"
 
 
 class SlimFitCompiled(SlimFit):
@@ -360,8 +368,8 @@ class Bench:
         if name not in self._slimfit:
             t0 = time.perf_counter()
             with self.precision():
-                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name](),
-                                                         **COMPILE_KWARGS.get(name, {}))
+                kwargs = {"checkpoint": self.args.checkpoint} if name == "slimfit+checkpoint" else {}
+                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name](), **kwargs)
             if name == "slimfit":
                 self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
         return self._slimfit[name]
@@ -401,9 +409,12 @@ class Bench:
                            + (" with the same frozen set" if s.name != "torch.compile" else ""))
             row["peak_is_eager"] = row.pop("peak")
             row["peak"] = None
-        if s.name == "checkpointing":
+        if s.name in ("checkpointing", "selective-checkpointing"):
             row["note"] = ("saved bytes: what autograd keeps outside the checkpointed blocks and their "
                            "boundaries as seen by saved-tensor hooks; the peak includes the recomputation")
+        if s.name == "slimfit+checkpoint":
+            row["note"] += ("; saved bytes: the blocks' inputs, as predicted; the predicted peak leaves out the "
+                            "recomputed block's activations and temporaries in its backward")
         if s.plan is not None:
             est = s.plan.predict(s.frozen, s.optimizer)
             row["predicted_peak"] = est.peak
@@ -625,6 +636,9 @@ def main(argv=None) -> int:
                          "times the formats' overhead without a full-training step in the rounds")
     ap.add_argument("--offload-mode", choices=["offload", "compress"], default="offload",
                     help="FrozenStateStore mode of the slimfit+offload row")
+    ap.add_argument("--checkpoint", default="all", type=_checkpoint,
+                    help="slimfit+checkpoint row: 'all' blocks recomputed, or a budget in MiB for the saved "
+                         "activations (the fewest blocks recomputed that meet it)")
     ap.add_argument("--out", default=None, help="output path without suffix (default results/bench_memory_<model>)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the markdown of a saved result (next to it)")
     ap.add_argument("--docs", default=None, metavar="MD",

@@ -19,6 +19,7 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from tabulate import tabulate
@@ -30,20 +31,30 @@ from conformance import measure  # noqa: E402
 from families import FAMILIES  # noqa: E402
 
 
-def row(name: str) -> dict:
+def row(name: str, blocks: str | None = None) -> dict:
     started = time.perf_counter()
     try:
-        c = measure(name)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c = measure(name, blocks=blocks)
     except Exception as exc:  # noqa: BLE001 - the table reports any family that fails
         return {"family": name, "compile": f"error: {type(exc).__name__}: {exc}".splitlines()[0][:200],
                 "traceback": traceback.format_exc()}
     worst, cosine = c.worst_cosine
-    return {"family": name, "compile": "ok" + (" (backbone)" if c.slim.backbone is not None else ""),
+    whole = blocks is not None and any("blocks='auto'" in str(w.message) for w in caught)
+    how = " (backbone)" if c.slim.backbone is not None else ""
+    how += " (whole: " + _fallback_reason(caught) + ")" if whole else ""
+    return {"family": name, "compile": "ok" + how,
             "off_exact": c.off_loss_diff == 0 and c.off_grad_diff == 0, "worst_cosine": cosine,
             "worst_cosine_parameter": worst, "prediction_error": c.worst_prediction_error,
             "predictions": c.predictions, "against_eager": c.against_eager,
             "saved_vs_eager": {k: a / e for k, (a, e) in c.against_eager.items()},
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _fallback_reason(caught) -> str:
+    text = next(str(w.message) for w in caught if "blocks='auto'" in str(w.message))
+    return text.split(": ", 2)[-1].split(";")[0].split(" (an nn.ModuleList")[0]
 
 
 def table(rows: list[dict]) -> str:
@@ -65,10 +76,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     p.add_argument("--out", default="results/conformance")
+    p.add_argument("--blocks", choices=["auto"], default=None,
+                   help="compile with per-block capture (a family without repeated blocks says why it fell back)")
     args = p.parse_args(argv)
     rows = []
     for name in args.families:
-        rows.append(row(name))
+        rows.append(row(name, args.blocks))
         print(f"{name}: {rows[-1]['compile']}", file=sys.stderr, flush=True)
     md = table(rows)
     print(md)

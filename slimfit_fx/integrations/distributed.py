@@ -39,7 +39,7 @@ from torch import nn
 
 from ..config import ConfigError
 
-__all__ = ["DDP_KWARGS", "DistributedConfigError", "ddp_kwargs", "wrap_ddp", "check_ddp"]
+__all__ = ["DDP_KWARGS", "DistributedConfigError", "ddp_kwargs", "wrap_ddp", "check_ddp", "allreduce_trained"]
 
 #: The DDP keyword arguments that per-iteration freezing needs (``wrap_ddp`` passes them).
 DDP_KWARGS = {"find_unused_parameters": True, "static_graph": False}
@@ -90,7 +90,42 @@ def _schedulers_of(module: nn.Module) -> list:
     return found
 
 
-def wrap_ddp(module: nn.Module, scheduler=None, **kwargs: Any):
+class _Traffic:
+    """What :func:`allreduce_trained` sent and what DDP's own all-reduce would have (bytes, this rank)."""
+
+    def __init__(self):
+        self.sent = self.buckets = 0
+
+
+def allreduce_trained(state: _Traffic, bucket):
+    """A DDP communication hook: all-reduce (mean) only the gradients of parameters that require grad
+    this iteration.  DDP's buckets are sized for every parameter it manages and a frozen layer's slice
+    is zeros; the Scheduler's decisions are rank 0's on every rank, so each rank sends the same trained
+    slices.  The frozen slices stay zero, as DDP leaves them."""
+    import torch
+    import torch.distributed as dist
+
+    buffer = bucket.buffer()
+    state.buckets += buffer.numel() * buffer.element_size()
+    grads = [g for p, g in zip(bucket.parameters(), bucket.gradients()) if p.requires_grad]
+    if not grads:
+        done = torch.futures.Future()
+        done.set_result(buffer)
+        return done
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+    state.sent += flat.numel() * flat.element_size()
+
+    def unpack(fut):
+        reduced, offset = fut.value()[0], 0
+        for g in grads:  # views into the bucket's buffer
+            g.copy_(reduced[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+        return buffer
+
+    return dist.all_reduce(flat, async_op=True).get_future().then(unpack)
+
+
+def wrap_ddp(module: nn.Module, scheduler=None, *, trained_only: bool = True, **kwargs: Any):
     """``DistributedDataParallel(module, **ddp_kwargs(**kwargs))``, built so every scheduled layer is synced.
 
     ``module``: the model, plain or ``slimfit_fx.compile``'d.  ``scheduler``:
@@ -99,7 +134,9 @@ def wrap_ddp(module: nn.Module, scheduler=None, **kwargs: Any):
     trainable while DDP is built, then frozen again, so DDP averages their
     gradients whenever they train.  Parameters frozen by the user and not
     scheduled stay outside DDP, as usual.  Build the scheduler on ``module``
-    (``ddp.module``), not on the returned wrapper.
+    (``ddp.module``), not on the returned wrapper.  ``trained_only``: all-reduce only the
+    gradients of the layers that train this iteration (:func:`allreduce_trained`;
+    ``ddp.slimfit_traffic`` counts the bytes), rather than DDP's whole buckets.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -132,6 +169,9 @@ def wrap_ddp(module: nn.Module, scheduler=None, **kwargs: Any):
             p.requires_grad_(False)
     ddp._slimfit_synced = synced  # what DDP's reducer averages, for check_ddp
     check_ddp(ddp, *schedulers)
+    if trained_only:
+        ddp.slimfit_traffic = _Traffic()
+        ddp.register_comm_hook(ddp.slimfit_traffic, allreduce_trained)
     return ddp
 
 
