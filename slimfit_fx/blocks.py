@@ -34,6 +34,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from .analysis import grad_reachable, storage_ref
 from .config import SlimFitConfig
+from .quant import Quantized, accepts, dequantize, quantize
 from .extend import Save, pipeline, register_rule
 from .precision import autocast_disabled
 from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, call_by_name, inputs_of,
@@ -60,19 +61,33 @@ register_rule(block_stand_in, lambda node, ctx: [])
 
 
 @torch.library.custom_op("slimfit::checkpoint_inputs", mutates_args=())
-def checkpoint_inputs(tensors: list[torch.Tensor], parameters: list[torch.Tensor]) -> torch.Tensor:
-    """Marks, in the graph that is priced, what a recomputed block keeps: its tensor inputs, whenever
-    one of them or one of the block's parameters requires grad (then the checkpoint is recorded)."""
+def checkpoint_inputs(tensors: list[torch.Tensor], parameters: list[torch.Tensor], hidden: int) -> torch.Tensor:
+    """Marks, in the graph that is priced, what a recomputed block keeps: its tensor inputs (the
+    hidden states ``tensors[hidden]`` in ``checkpoint_input_format``), whenever one of them or one of
+    the block's parameters requires grad (then the checkpoint is recorded)."""
     raise RuntimeError("slimfit::checkpoint_inputs only marks a recomputed block in a priced graph")
 
 
 @checkpoint_inputs.register_fake
-def _(tensors, parameters):
+def _(tensors, parameters, hidden):
     return tensors[0].new_empty(0, dtype=torch.float32)
 
 
-register_rule(checkpoint_inputs, lambda node, ctx: [Save("arg", 0, sub=j, role="checkpoint_input")
-                                                    for j in range(len(node.args[0]))])
+def _checkpoint_saves(node, ctx) -> list:
+    fmt, hidden = ctx.config.checkpoint_input_format, node.args[2]
+    saves = []
+    for j, t in enumerate(node.args[0]):
+        val = t.meta.get("val")
+        if j == hidden and fmt is not None and val is not None and accepts(val.dtype):
+            numel = val.numel()
+            numel = numel.node.hint if isinstance(numel, torch.SymInt) else int(numel)
+            saves.append(Save("arg", 0, sub=j, role="checkpoint_input", copy_bytes=fmt.nbytes(numel), fmt="q"))
+        else:
+            saves.append(Save("arg", 0, sub=j, role="checkpoint_input"))
+    return saves
+
+
+register_rule(checkpoint_inputs, _checkpoint_saves)
 
 
 class Unsupported(Exception):
@@ -242,8 +257,10 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, 
 
 
 def _recomputed(checkpoint, count: int, price) -> set[int]:
-    """The blocks to recompute: none, all, or the fewest (the last ones first) whose recompute brings
-    the saved activations within the budget; all, with a warning, when even that does not."""
+    """The blocks to recompute: none, all, or the fewest whose recompute brings the saved activations
+    within the budget, the first blocks first (their backward comes last, when the blocks after them
+    have freed what they kept, so the recompute adds least to the step's peak); all, with a warning,
+    when even that does not."""
     if checkpoint is None:
         return set()
     if checkpoint == "all":
@@ -253,11 +270,11 @@ def _recomputed(checkpoint, count: int, price) -> set[int]:
     low, high = 1, count  # saved bytes fall as more blocks are recomputed
     while low < high:
         mid = (low + high) // 2
-        if price(set(range(count - mid, count))) <= checkpoint:
+        if price(set(range(mid))) <= checkpoint:
             high = mid
         else:
             low = mid + 1
-    chosen = set(range(count - low, count))
+    chosen = set(range(low))
     if low == count and price(chosen) > checkpoint:
         warnings.warn(f"slimfit_fx: checkpoint={checkpoint} bytes: recomputing every block keeps {price(chosen)} "
                       "bytes; every block is recomputed", RuntimeWarning, stacklevel=5)
@@ -419,7 +436,8 @@ def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], recomput
             env[n], parameters = _inline_block(graph, kinds[blocks.kind_index[index]], blocks.blocks[index],
                                                blocks.names[index], fed, attributes, index in recomputed)
             if index in recomputed:
-                marker = graph.call_function(torch.ops.slimfit.checkpoint_inputs.default, (fed, parameters))
+                marker = graph.call_function(torch.ops.slimfit.checkpoint_inputs.default,
+                                             (fed, parameters, kinds[blocks.kind_index[index]].hidden_in))
                 marker.meta["val"] = fed[0].meta["val"].new_empty(0, dtype=torch.float32)
             continue
         if n.op in ("get_attr", "call_module"):
@@ -480,7 +498,8 @@ def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config
         index = n.args[0]
         with around.graph.inserting_before(n):
             call = around.graph.call_function(
-                _runner(blocks, kinds[blocks.kind_index[index]], index, index in recomputed), (n.args[2],))
+                _runner(blocks, kinds[blocks.kind_index[index]], index, index in recomputed,
+                        config.checkpoint_input_format), (n.args[2],))
         call.meta = dict(n.meta)
         n.replace_all_uses_with(call)
         around.graph.erase_node(n)
@@ -488,6 +507,42 @@ def _assemble(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], config
     around.meta["slimfit_blocks"] = [(kind.graph, len(kind.members)) for kind in kinds]
     around.meta["slimfit_recomputed"] = [blocks.names[i] for i in sorted(recomputed)]
     return around
+
+
+class CompactCheckpoint(torch.autograd.Function):
+    """Reentrant checkpointing of one block that keeps its hidden-states input quantized
+    (``torch.utils.checkpoint`` keeps inputs as they are).  Forward: the block without grad, the
+    random state kept.  Backward: the block again from the dequantized input, with grad, under the
+    same random state, and its backward.  The first forward is exact; the recomputed one sees the
+    quantized input, as any other quantized saved activation is seen in backward."""
+
+    @staticmethod
+    def forward(ctx, run, hidden: int, fmt, *tensors):
+        ctx.run, ctx.hidden, ctx.fmt = run, hidden, fmt
+        ctx.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        ctx.rng = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in ctx.devices]
+        with torch.no_grad():
+            out = run(*tensors)
+        q = quantize(tensors[hidden].detach(), fmt)
+        ctx.qmeta, ctx.count = q.meta, len(q.tensors())
+        ctx.save_for_backward(*q.tensors(), *[t for j, t in enumerate(tensors) if j != hidden])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        others = list(saved[ctx.count:])
+        inputs = others[:ctx.hidden] + [dequantize(Quantized.from_tensors(saved[:ctx.count], ctx.qmeta))] \
+            + others[ctx.hidden:]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[3:])]
+        with torch.random.fork_rng(devices=ctx.devices):
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1:]):
+                torch.cuda.set_rng_state(state, d)
+            with torch.enable_grad():
+                out = ctx.run(*inputs)
+        torch.autograd.backward(out, grad)
+        return (None, None, None, *[t.grad if need else None for t, need in zip(inputs, ctx.needs_input_grad[3:])])
 
 
 def _slots(graph: fx.GraphModule, block: nn.Module) -> list[tuple[dict, str, dict, str]]:
@@ -509,7 +564,7 @@ def _slots(graph: fx.GraphModule, block: nn.Module) -> list[tuple[dict, str, dic
     return slots
 
 
-def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool):
+def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool, fmt=None):
     """What a block's node calls: the block module (its hooks fire) running its kind's graph on its
     own parameters; under ``recompute``, through ``torch.utils.checkpoint`` (reentrant: it keeps the
     block's inputs with ``save_for_backward``, what the analysis prices and saved-tensor hooks see)."""
@@ -539,6 +594,8 @@ def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool):
             # nothing upstream trains, so a leaf cut here loses nothing.
             tensors = list(tensors)
             tensors[kind.hidden_in] = tensors[kind.hidden_in].detach().requires_grad_(True)
-        return torch_checkpoint(call, *tensors, use_reentrant=True, preserve_rng_state=True)
+        if fmt is None:
+            return torch_checkpoint(call, *tensors, use_reentrant=True, preserve_rng_state=True)
+        return CompactCheckpoint.apply(call, kind.hidden_in, fmt, *tensors)
 
     return slimfit_block

@@ -446,7 +446,7 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
 
     ``checkpoint`` (per-block capture implied): ``"all"`` recomputes every block in backward from
     its inputs (``torch.utils.checkpoint``, reentrant), keeping only those; an int is a byte budget
-    for the saved activations (with nothing frozen), met by recomputing the fewest blocks, the last
+    for the saved activations (with nothing frozen), met by recomputing the fewest blocks, the first
     first.  Results are those without checkpointing (the random stream is replayed); ``plan``
     prices what is kept.
     """

@@ -104,6 +104,8 @@ class SlimFitConfig:
     passes through its norms, and pruning them cost accuracy there, docs/ACCURACY.md); ``fuse_cross_entropy`` keeps a language-model
     head's input instead of its log-probabilities and recomputes the logits in backward;
     ``relu_bits`` keeps a ReLU's sign bits instead of its output.
+    ``checkpoint_input_format``: how a block recomputed in backward (``compile(..., checkpoint=...)``)
+    keeps its hidden-states input; ``None`` keeps it exact.
     """
 
     freeze_gate: bool = True
@@ -125,6 +127,7 @@ class SlimFitConfig:
     prune_rmsnorm: bool = False
     fuse_cross_entropy: bool = True
     relu_bits: bool = True
+    checkpoint_input_format: QuantFormat | None = field(default_factory=lambda: QuantFormat.minmax(8))
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -148,7 +151,8 @@ class SlimFitConfig:
         return cls(freeze_gate=False, **_formats(None, None, None, None, None), prune_layernorm=False,
                    dropout_masks="full", recast_weights=False, glu_gate_format=None, glu_up_format=None,
                    glu_down_input_format=None, norm_input_format=None,
-                   fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False, relu_bits=False)
+                   fuse_gated_mlp=False, fuse_rmsnorm=False, fuse_cross_entropy=False, relu_bits=False,
+                   checkpoint_input_format=None)
 
     @classmethod
     def paper(cls) -> "SlimFitConfig":

@@ -47,6 +47,7 @@ versions, date and command line, and prints the markdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import gc
 import json
@@ -87,7 +88,7 @@ SETTINGS = {
     "slimfit": "slimfit_fx (default formats)",
     "slimfit-paper": "slimfit_fx (paper formats)",
     "slimfit+offload": "slimfit_fx, everything on",
-    "slimfit+checkpoint": "slimfit_fx, every block recomputed",
+    "slimfit+checkpoint": "slimfit_fx + checkpointing (--checkpoint)",
     "slimfit+torch.compile": "slimfit_fx through torch.compile",
 }
 ACTIVATION_MEMORY_BUDGET = 0.5
@@ -285,7 +286,10 @@ class SlimFitCheckpoint(SlimFit):
     def setup(self):
         super().setup()
         recomputed = self.module.graph_module.meta.get("slimfit_recomputed", [])
-        self.row["note"] = f"checkpoint={self.bench.args.checkpoint}: {len(recomputed)} blocks recomputed"
+        args = self.bench.args
+        self.row["note"] = (f"checkpoint={args.checkpoint}: {len(recomputed)} of "
+                            f"{sum(n for _, n in self.module.graph_module.meta['slimfit_blocks'])} blocks recomputed, "
+                            f"their inputs kept {args.checkpoint_input}")
 
 
 class SlimFitCompiled(SlimFit):
@@ -368,8 +372,12 @@ class Bench:
         if name not in self._slimfit:
             t0 = time.perf_counter()
             with self.precision():
-                kwargs = {"checkpoint": self.args.checkpoint} if name == "slimfit+checkpoint" else {}
-                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, CONFIGS[name](), **kwargs)
+                config, kwargs = CONFIGS[name](), {}
+                if name == "slimfit+checkpoint":
+                    kwargs["checkpoint"] = self.args.checkpoint
+                    if self.args.checkpoint_input == "exact":
+                        config = dataclasses.replace(config, checkpoint_input_format=None)
+                self._slimfit[name] = slimfit_fx.compile(self.model, self.inputs, config, **kwargs)
             if name == "slimfit":
                 self.slimfit_capture_s = round(time.perf_counter() - t0, 2)
         return self._slimfit[name]
@@ -639,6 +647,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="all", type=_checkpoint,
                     help="slimfit+checkpoint row: 'all' blocks recomputed, or a budget in MiB for the saved "
                          "activations (the fewest blocks recomputed that meet it)")
+    ap.add_argument("--checkpoint-input", choices=["int8", "exact"], default="int8",
+                    help="slimfit+checkpoint row: the recomputed blocks' inputs kept in SlimFitConfig()'s int8 "
+                         "format (the default) or exact (checkpoint_input_format=None)")
     ap.add_argument("--out", default=None, help="output path without suffix (default results/bench_memory_<model>)")
     ap.add_argument("--render", metavar="JSON", help="only re-render the markdown of a saved result (next to it)")
     ap.add_argument("--docs", default=None, metavar="MD",
