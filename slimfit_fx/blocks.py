@@ -443,9 +443,45 @@ def _inline(around: fx.GraphModule, blocks: _Model, kinds: list[_Kind], recomput
         if n.op in ("get_attr", "call_module"):
             attributes[n.target] = _attribute(around, n.target)
         env[n] = graph.node_copy(n, lambda x: env[x])
-    gm = fx.GraphModule(attributes, graph)
+    _in_model_order(graph, blocks.model, attributes)
+    gm = fx.GraphModule(_holder(attributes), graph)  # copies the reads in graph order: the model's
     gm.meta.update(around.meta)
     return gm
+
+
+def _holder(attributes: dict) -> nn.Module:
+    """A module holding ``attributes`` under their qualified names (``fx.GraphModule`` given a dict
+    would assign them shallowest first, listing the layers out of the model's order)."""
+    root = nn.Module()
+    for qualified, value in attributes.items():
+        owner = root
+        *path, attr = qualified.split(".")
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, nn.Module())
+            owner = owner._modules[part]
+        if isinstance(value, nn.Parameter):
+            owner.register_parameter(attr, value)
+        elif isinstance(value, torch.Tensor):
+            owner.register_buffer(attr, value)
+        else:
+            setattr(owner, attr, value)
+    return root
+
+
+def _in_model_order(graph: fx.Graph, model: nn.Module, attributes: dict) -> None:
+    """Move the graph's parameter and buffer reads to its top in the model's own order (a tied weight
+    where it first appears), so the priced graph lists its layers as a whole capture does and a
+    seeded draw of frozen layers picks the same ones."""
+    order: dict[int, int] = {}
+    for i, (_, t) in enumerate(list(model.named_parameters(remove_duplicate=False))
+                               + list(model.named_buffers(remove_duplicate=False))):
+        order.setdefault(id(t), i)
+    reads = sorted((n for n in graph.nodes if n.op == "get_attr"),
+                   key=lambda n: order.get(id(attributes[n.target]), len(order)))
+    anchor = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+    for n in reads:
+        anchor.prepend(n)
 
 
 def _inline_block(graph: fx.Graph, kind: _Kind, block: nn.Module, name: str, tensors: list, attributes: dict,

@@ -52,7 +52,7 @@ def test_blockwise_equals_whole_capture_bitwise(name):
         loss = loss_of(slim, inputs)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
-                        slim.plan.predict().activations, slim.rewrite_notes()))
+                        (slim.plan.predict().activations, slim.plan.layers), slim.rewrite_notes()))
         model.zero_grad(set_to_none=True)
     (l0, g0, p0, n0), (l1, g1, p1, n1) = results
     assert torch.equal(l0, l1) and p0 == p1 and n0 == n1
