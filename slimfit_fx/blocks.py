@@ -1,46 +1,44 @@
 """Per-block capture: ``slimfit_fx.compile(model, blocks="auto")``.
 
 Takes a model and a training call.  Its *stacks* are the ``nn.ModuleList``s of two or more blocks of
-one class with equal parameter shapes (HF encoder and decoder layers); blocks of one *kind* also
-agree on every plain attribute but their layer index.  Gives a :class:`Blockwise` graph-cache entry:
+one class, two of them with equal parameter shapes (HF encoder and decoder layers); blocks of one
+*kind* also agree on every plain attribute but their layer index.  :func:`capture` gives a
+:class:`Captured`:
 
-* one captured graph of the code around the blocks, in which every block call is one node that calls
-  the block *module* (so its hooks fire, FSDP2's among them);
-* one captured and rewritten graph per kind of block, run for each block of that kind on the
-  block's own parameters;
-* the MemoryPlan of that computation, priced on the graph with every block inlined: the graph a
-  whole-model capture gives, so predictions are those of a whole capture.
+* ``graph``: one captured graph of the code around the blocks, in which every block call is one node
+  that calls the block *module* (so its hooks fire, FSDP2's among them), running its kind's captured
+  and rewritten graph on the block's own parameters (through a checkpoint for recomputed blocks);
+* ``inlined``: the same computation with every block's graph inlined, the graph a whole-model capture
+  gives, which is what the MemoryPlan prices: predictions are those of a whole capture.
 
-Capture costs one export of the code around the blocks plus one per kind, whatever the depth.
-``capture`` returns ``None`` with the reason when the model does not fit this shape (no stack, a
-block called twice or returning more than its hidden states): the caller captures the whole model.
+Capture costs one export of the code around the blocks plus one per kind, whatever the depth.  Where
+the model does not fit (no stack, a block called twice or returning more than its hidden states)
+:func:`capture` raises :class:`Unsupported` with the reason; the caller captures the whole model.
 
-Must never: run one kind's graph for a block of another kind, or leave a block's ``forward``
-replaced after a call returns.
+Must never: run one kind's graph for a block of another kind, draw from the user's random stream
+while capturing, or leave a block's ``forward`` replaced after a call returns.
 """
 from __future__ import annotations
 
 import logging
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from torch.multiprocessing.reductions import StorageWeakRef
-
 from .analysis import grad_reachable, storage_ref
 from .config import SlimFitConfig
-from .quant import Quantized, accepts, dequantize, quantize
 from .extend import Save, pipeline, register_rule
 from .precision import autocast_disabled
-from .trace import (Inputs, _hf_eager_mask_decisions, _no_kv_cache, call_by_name, inputs_of,
-                    trace)
+from .quant import Quantized, accepts, dequantize, quantize
+from .trace import Inputs, _hf_eager_mask_decisions, _no_kv_cache, call_by_name, inputs_of, trace
 
-__all__ = ["Blockwise", "Stack", "find_stacks", "capture"]
+__all__ = ["Captured", "Stack", "Unsupported", "CompactCheckpoint", "find_stacks", "kind_of", "capture"]
 
 _INDEX_ATTRIBUTES = frozenset({"layer_idx", "layer_id", "layer_index"})
 
@@ -159,8 +157,8 @@ def find_stacks(model: nn.Module) -> list[Stack]:
 
 @dataclass
 class _Call:
-    """How the model calls one block, by its forward's names (Nones dropped): the non-tensor leaves
-    and the structure, with the tensors' positions among the leaves."""
+    """How the model calls one block, by its forward's names (``call_by_name``): the non-tensor
+    leaves and the structure, with the tensors' positions among the leaves."""
 
     spec: pytree.TreeSpec
     constants: list
@@ -210,9 +208,6 @@ class Captured:
 
     graph: fx.GraphModule | None
     inlined: fx.GraphModule
-    blocks: int
-    kinds: int
-    recomputed: set[int] = field(default_factory=set)  # blocks recomputed in backward (checkpoint)
 
 
 class _Model:
@@ -253,7 +248,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, 
     recomputed = _recomputed(checkpoint, len(blocks.blocks), lambda r: price(_inline(around, blocks, kinds, r)))
     inlined = _inline(around, blocks, kinds, recomputed)
     graph = _assemble(around, blocks, kinds, config, recomputed) if assemble else None
-    return Captured(graph, inlined, len(blocks.blocks), len(kinds), recomputed)
+    return Captured(graph, inlined)
 
 
 def _recomputed(checkpoint, count: int, price) -> set[int]:
@@ -323,12 +318,16 @@ def _capture_kind(blocks: _Model, kind: _Kind, around: fx.GraphModule, reachable
     kind.example = None  # not held: the user's batch
 
 
+def _cuda_devices(values) -> list[int]:
+    """The CUDA devices of the tensors among ``values`` (nested), whose random states fork_rng keeps."""
+    return sorted({t.device.index or 0 for t in pytree.tree_leaves(values)
+                   if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+
+
 @contextmanager
 def _rng_kept(args, kwargs):
     """Running the model up to a block draws dropout masks: the user's random stream stays as it was."""
-    devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=_cuda_devices((args, kwargs))):
         yield
 
 
@@ -554,8 +553,8 @@ class CompactCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, hidden: int, fmt, *tensors):
-        ctx.run, ctx.hidden, ctx.fmt = run, hidden, fmt
-        ctx.devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+        ctx.run, ctx.hidden = run, hidden
+        ctx.devices = _cuda_devices(tensors)
         ctx.rng = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in ctx.devices]
         with torch.no_grad():
             out = run(*tensors)
@@ -602,8 +601,9 @@ def _slots(graph: fx.GraphModule, block: nn.Module) -> list[tuple[dict, str, dic
 
 def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool, fmt=None):
     """What a block's node calls: the block module (its hooks fire) running its kind's graph on its
-    own parameters; under ``recompute``, through ``torch.utils.checkpoint`` (reentrant: it keeps the
-    block's inputs with ``save_for_backward``, what the analysis prices and saved-tensor hooks see)."""
+    own parameters; under ``recompute``, through :class:`CompactCheckpoint` (the hidden-states input
+    kept in ``fmt``) or, with ``fmt=None``, reentrant ``torch.utils.checkpoint``.  Both keep the
+    block's inputs with ``save_for_backward``: what the analysis prices and saved-tensor hooks see."""
     block = blocks.blocks[index]
     graph = kind.graph
     slots = _slots(graph, block)

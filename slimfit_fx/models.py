@@ -16,8 +16,8 @@ Named models (``KNOWN_MODELS``; dims of the public checkpoints):
 * ``gpt2``: GPT2LMHeadModel, 124M dims.
 * ``llama-1b``: LlamaForCausalLM with LLaMA-3.2-1B dims (1.24 B parameters,
   about 5 GB in fp32; building it takes tens of seconds).
-* ``llama-1b-4l``: the same widths, 4 layers (0.37 B parameters, most of them the
-  embedding): LLaMA widths that fit a CPU benchmark.
+* ``llama-1b-4l``: the same widths, 4 layers (0.51 B parameters, 0.26 B of them the
+  tied embedding): LLaMA widths that fit a CPU benchmark.
 * ``bert-tiny``, ``roberta-tiny``, ``vit-tiny``, ``gpt2-tiny``, ``llama-tiny``:
   hidden 64, 2 layers, for tests and quick looks (vit-tiny: 32 px, patch 8,
   10 labels).

@@ -365,8 +365,9 @@ class _Stop(Exception):
 
 
 def call_by_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``((), kwargs)``: a call's arguments by the forward's own names, Nones dropped (a backbone called
-    positionally by its head; export pairs dynamic shapes with names).  As given if they do not bind."""
+    """``((), kwargs)``: a call's arguments by the forward's own names, a None dropped where the
+    parameter has a default (a backbone called positionally by its head; export pairs dynamic shapes
+    with names).  As given if they do not bind."""
     forward = type(module).forward
     try:
         bound = inspect.signature(forward).bind(module, *args, **kwargs).arguments
@@ -386,8 +387,10 @@ def call_by_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
 
 
 def inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-    """The (args, kwargs) ``model(*args, **kwargs)`` calls ``submodule`` with: the call is cut short in a
-    forward pre-hook of the submodule, before anything of it runs (no compute, no RNG drawn)."""
+    """The (args, kwargs) ``model(*args, **kwargs)`` calls ``submodule`` with, by name: the call is cut
+    short in a forward pre-hook of the submodule, before anything of it runs.  The model's code before
+    it runs, without grad (it may draw dropout masks: keep the random state around this where that
+    matters)."""
     seen: list = []
 
     def hook(module, a, kw):

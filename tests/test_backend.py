@@ -267,7 +267,8 @@ def test_scheduler_changes_the_frozen_set_every_step_without_recompiles():
     model, inputs = _bert()
     compiled = slimfit_fx.compile(model, mode="compiled")
     optimizer = torch.optim.AdamW(compiled.parameters(), lr=1e-3)
-    scheduler = slimfit_fx.Scheduler(compiled, optimizer, policy=slimfit_fx.Ratio(0.9))
+    # The paper's score changes the frozen set most often: the hardest case for the guards.
+    scheduler = slimfit_fx.Scheduler(compiled, optimizer, policy=slimfit_fx.Ratio(0.9), metric="relative_change")
     with dynamo_log() as (recompiles, messages):
         for _ in range(100):  # the bar: 100 iterations of Ratio(0.9)
             frozen = set(scheduler.frozen)
@@ -276,7 +277,7 @@ def test_scheduler_changes_the_frozen_set_every_step_without_recompiles():
                 assert (p.grad is None) == (n in frozen), n
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    assert len({s for _, s in scheduler.history}) >= 20  # 27 distinct frozen sets in this run (the default score)
+    assert len({s for _, s in scheduler.history}) >= 30  # 42 distinct frozen sets in this run
     assert counters["stats"]["unique_graphs"] == 1  # bound: one graph at a fixed batch shape
     assert not any("requires_grad" in r for r in recompiles), recompiles
     assert not any("recompile_limit" in m for m in messages)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification
 
 import slimfit_fx
 from slimfit_fx.analysis import layer_parameters
+from slimfit_fx.cli import frozen_layers
 from slimfit_fx.measure import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +46,9 @@ def build(layers: int, batch: int, seq: int):
     return model, inputs
 
 
-def freeze_random(model, fraction: float = 0.9, seed: int = 0) -> set[str]:
-    names = layer_parameters(model.named_parameters())
-    frozen = set(random.Random(seed).sample(names, int(fraction * len(names))))
+def freeze_random(model, fraction: float = 0.9) -> set[str]:
+    """The seeded draw `slimfit-fx report` freezes (``cli.frozen_layers``)."""
+    frozen = frozen_layers(layer_parameters(model.named_parameters()), fraction)
     for n, p in model.named_parameters():
         p.requires_grad_(n not in frozen)
     return frozen

@@ -91,9 +91,11 @@ def _schedulers_of(module: nn.Module) -> list:
 
 
 class _Traffic:
-    """What :func:`allreduce_trained` sent and what DDP's own all-reduce would have (bytes, this rank)."""
+    """The hook's state: DDP's process group, and what :func:`allreduce_trained` sent and what DDP's
+    own all-reduce would have (bytes, this rank)."""
 
-    def __init__(self):
+    def __init__(self, group=None):
+        self.group = group
         self.sent = self.buckets = 0
 
 
@@ -112,7 +114,7 @@ def allreduce_trained(state: _Traffic, bucket):
         done = torch.futures.Future()
         done.set_result(buffer)
         return done
-    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size())
+    flat = torch.cat([g.reshape(-1) for g in grads]).div_(dist.get_world_size(state.group))
     state.sent += flat.numel() * flat.element_size()
 
     def unpack(fut):
@@ -122,7 +124,7 @@ def allreduce_trained(state: _Traffic, bucket):
             offset += g.numel()
         return buffer
 
-    return dist.all_reduce(flat, async_op=True).get_future().then(unpack)
+    return dist.all_reduce(flat, group=state.group, async_op=True).get_future().then(unpack)
 
 
 def wrap_ddp(module: nn.Module, scheduler=None, *, trained_only: bool = True, **kwargs: Any):
@@ -170,7 +172,7 @@ def wrap_ddp(module: nn.Module, scheduler=None, *, trained_only: bool = True, **
     ddp._slimfit_synced = synced  # what DDP's reducer averages, for check_ddp
     check_ddp(ddp, *schedulers)
     if trained_only:
-        ddp.slimfit_traffic = _Traffic()
+        ddp.slimfit_traffic = _Traffic(ddp.process_group)
         ddp.register_comm_hook(ddp.slimfit_traffic, allreduce_trained)
     return ddp
 
