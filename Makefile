@@ -25,9 +25,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/slimfit-fx demo
 
-# One pytest worker per core (pytest-xdist): the tiny-config tests are Python-bound, so two
-# one-thread workers finish in about half the time of one two-thread process.
+# Lint first (ruff, configured in pyproject.toml), then one pytest worker per core (pytest-xdist):
+# the tiny-config tests are Python-bound, so two one-thread workers finish in about half the time
+# of one two-thread process.
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n auto
 
 clean:

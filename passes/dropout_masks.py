@@ -1,22 +1,23 @@
 """Pass: train-mode dropout keeps its mask as bits, or replays it from the RNG state.
 
-Matches ``aten.dropout(x, p, train=True)`` with 0 < p < 1.
-Emits ``slimfit_fx.ops.dropout.dropout_compact(x, p, True, mode)`` with the mode
-``SlimFitConfig.dropout_mode`` picks for the graph's device (bits on the CPU,
-replay on accelerators): same forward (same RNG draws), a 1-bit or no mask kept.
-Eval-mode dropout (train=False) is left alone.  Rewrites ``gm`` in place and returns it.
+Reads ``aten.dropout(x, p, train=True)`` with 0 < p < 1.  Rewrites it, in place, to
+``ops.dropout.dropout_compact(x, p, True, mode)`` in the mode ``SlimFitConfig.dropout_mode`` picks
+for the graph's device (bits on the CPU, replay on accelerators): the same RNG draws, so the same
+forward, with a 1-bit mask or none kept.  Leaves eval-mode dropout alone.
 """
 from __future__ import annotations
 
 from torch import fx
 
 from slimfit_fx.config import SlimFitConfig
+from slimfit_fx.nodes import arg
 from slimfit_fx.ops.dropout import dropout_compact
 
-from ._match import arg, nodes_of, replace_call
+from .match import nodes_of, replace_call
 
 
 def compact_dropout_masks(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Point train-mode dropout at ``dropout_compact``, in the mode ``config`` picks for the device."""
     if not config.compacts_dropout:
         return gm
     for node in nodes_of(gm, "aten.dropout"):

@@ -1,26 +1,24 @@
 """Pass: convolutions keep their input only while their weight trains.
 
-Matches ``aten.conv1d/conv2d/conv3d(x, weight, bias, stride, padding, dilation,
-groups)`` with a parameter weight (or autocast's cast of one) and numeric padding.
-Emits ``slimfit_fx.ops.gated.gated_conv``, which reads ``weight.requires_grad`` at
-run time: a frozen conv keeps nothing and computes no weight gradient.  Under
-autocast it takes the parameter and the cast's dtype and casts it itself.
-
-Linear, addmm and embedding are left alone: their autograd formulas already
-keep the input (indices) only for the weight gradient, which
-tests/test_op_table.py checks against autograd.  Rewrites ``gm`` in place.
+Reads ``aten.conv1d/conv2d/conv3d`` whose weight is a parameter (or autocast's cast of one) and
+whose padding is numeric.  Rewrites each, in place, to ``ops.gated.gated_conv``, which reads
+``weight.requires_grad`` when it runs: a frozen conv keeps nothing; under autocast it takes the
+parameter and casts it itself.  Leaves Linear, addmm and embedding alone: their autograd formulas
+already keep the input only for the weight gradient (tests/test_op_table.py).
 """
 from __future__ import annotations
 
 from torch import fx
 
 from slimfit_fx.config import SlimFitConfig
+from slimfit_fx.nodes import arg
 from slimfit_fx.ops.gated import gated_conv
 
-from ._match import arg, bias_source, nodes_of, replace_call, weight_source
+from .match import bias_source, nodes_of, replace_call, weight_source
 
 
 def freeze_gate(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Point every convolution with a parameter weight and numeric padding at ``gated_conv``."""
     if not config.freeze_gate:
         return gm
     for node in nodes_of(gm, "aten.conv1d", "aten.conv2d", "aten.conv3d"):

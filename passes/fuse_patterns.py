@@ -1,8 +1,9 @@
 """Pass: replace every registered pattern's match by its op (``slimfit_fx.extend``).
 
-Reads the fusions ``extend.find_fusions`` finds, the same ones the analysis priced; for each,
-points the matched output node at ``Fusion.op`` with ``Fusion.args``/``kwargs`` and erases the
-inner nodes (with the metadata assertions export put on them).  Runs first, on the graph the analysis read.  Rewrites ``gm`` in place.
+Reads the fusions ``extend.find_fusions`` finds: the very ones the analysis priced, so it runs
+first, on the graph the analysis read.  Rewrites, in place, each match's output node to
+``Fusion.op(*Fusion.args, **Fusion.kwargs)`` and erases its inner nodes (with the metadata
+assertions export put on them).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from torch import fx
 from slimfit_fx.config import SlimFitConfig
 from slimfit_fx.extend import find_fusions
 
-from ._match import replace_call
+from .match import replace_call
 
 
 def fuse_patterns(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Replace each fusion ``extend.find_fusions`` finds by its op and erase its inner nodes."""
     fusions = find_fusions(gm, config)
     for fusion in fusions.values():
         replace_call(fusion.output, fusion.op, fusion.args, fusion.kwargs, note=fusion.note or fusion.pattern)

@@ -1,22 +1,23 @@
 """Pass: LayerNorm keeps a pruned copy of its normalized input while its weight is frozen.
 
-Matches ``aten.layer_norm(x, shape, weight, bias, eps, ...)`` whose weight is a
-parameter (or autocast's cast of one).  Emits ``slimfit_fx.ops.layernorm.layer_norm_pruned(x,
-shape, weight, bias, eps, keep_ratio, dtype)``, which decides at run time: trainable weight,
-eager behaviour; frozen weight, top ``keep_ratio`` of |x_hat| per row plus
-1/sigma.  Rewrites ``gm`` in place and returns it.
+Reads ``aten.layer_norm(x, shape, weight, bias, eps)`` whose weight is a parameter (or autocast's
+cast of one).  Rewrites each, in place, to ``ops.layernorm.layer_norm_pruned``, which decides when
+it runs: a trainable weight keeps what eager keeps; a frozen one, the top ``layernorm_keep_ratio``
+of the normalized row plus 1/sigma.
 """
 from __future__ import annotations
 
 from torch import fx
 
 from slimfit_fx.config import SlimFitConfig
+from slimfit_fx.nodes import arg
 from slimfit_fx.ops.layernorm import layer_norm_pruned
 
-from ._match import arg, bias_source, nodes_of, replace_call, weight_source
+from .match import bias_source, nodes_of, replace_call, weight_source
 
 
 def prune_layernorm(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Point every LayerNorm with a parameter weight at ``layer_norm_pruned``."""
     if not config.prune_layernorm:
         return gm
     for node in nodes_of(gm, "aten.layer_norm"):
@@ -27,6 +28,7 @@ def prune_layernorm(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule
         args = (node.args[0], tuple(arg(node, 1, "normalized_shape")), weight,
                 bias_source(gm, arg(node, 3, "bias"), dtype), arg(node, 4, "eps", 1e-5),
                 config.layernorm_keep_ratio, dtype)
-        replace_call(node, layer_norm_pruned, args, note=f"layernorm pruned to {config.layernorm_keep_ratio:g} when frozen")
+        replace_call(node, layer_norm_pruned, args,
+                     note=f"layernorm pruned to {config.layernorm_keep_ratio:g} when frozen")
     gm.recompile()
     return gm

@@ -1,43 +1,47 @@
-"""Pass: keep quantized copies of saved activations; forward results unchanged.
+"""Pass: saved activations kept quantized; forward results unchanged.
 
-Matches, on the op table's roles (slimfit_fx.analysis):
-- ``aten.linear`` fed by a GELU or a gated product (the FFN-out Linear): emits
-  ``ops.gated.gated_linear(x, W, b, fmt, dtype)``, keeping x in ``ffn_out_input_format``
-  (``glu_down_input_format`` after a gated product) while W trains (under autocast W and b are the parameters behind autocast's casts,
-  and ``dtype`` the cast's dtype: the op casts them itself);
-- ``aten.addmm(b, x, W)`` fed by a GELU (GPT-2's Conv1D FFN-out): emits
-  ``gated_linear(x, W.t(), b, fmt, dtype)``, which runs the same addmm;
-- ``aten.gelu``: emits ``ops.gelu.gelu_quantized`` keeping its input in
-  ``gelu_input_format``; a tanh GELU spelled out in ops
-  (``analysis.match_tanh_gelu``, GPT-2's ``gelu_new``) becomes one
-  ``ops.gelu.tanh_gelu_quantized`` node;
-- ``aten.scaled_dot_product_attention``, as ``analysis.attention_choice`` picks for its
-  shapes and device: ``ops.attention.attention_quantized`` (Q/K, V and the softmax output in
-  their formats; a dropout mask kept as ``SlimFitConfig.dropout_mode`` says),
-  ``ops.attention_fused.attention_fused_quantized`` (Q/K/V and the output quantized on
-  PyTorch's fused kernel, no N x N matrix), or left to PyTorch's kernel; the choice is
-  recorded in ``node.meta["slimfit"]`` for the report.
-A tensor whose dtype the formats do not take (float64) is left unquantized, with a
-note in ``node.meta["slimfit"]`` (``analysis.format_for`` prices it the same way).
-Rewrites ``gm`` in place and returns it.
+Reads, on the op table's roles (``slimfit_fx.op_table``), and rewrites in place:
+
+- an FFN-out ``aten.linear`` (fed by a GELU, ReLU or gated product) or GPT-2's ``aten.addmm``
+  Conv1D: to ``ops.gated.gated_linear``, keeping x in ``ffn_out_input_format``
+  (``glu_down_input_format`` after a gated product) while W trains; under autocast it takes the
+  parameters behind autocast's casts and casts them itself;
+- ``aten.gelu``, and GPT-2's tanh GELU spelled out in ops (``op_table.match_tanh_gelu``): to
+  ``ops.gelu.gelu_quantized`` / ``tanh_gelu_quantized``, keeping the input in ``gelu_input_format``;
+- ``aten.scaled_dot_product_attention``, as ``op_table.attention_choice`` picks for its shapes and
+  device: to ``ops.attention.attention_quantized`` or ``ops.attention_fused.attention_fused_quantized``,
+  or left to PyTorch's kernel.
+
+A tensor of a dtype the formats do not take (float64) stays unquantized, as ``op_table.format_for``
+prices it.  Each choice is noted in ``node.meta["slimfit"]`` for the report.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from slimfit_fx.analysis import (attention_choice, ffn_input_format, ffn_producer, format_for, fused_kernel, match_tanh_gelu,
-                                 is_ffn_hidden, sdpa_backend)
 from slimfit_fx.config import SlimFitConfig
-from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.nodes import arg
+from slimfit_fx.op_table import (
+    attention_choice,
+    ffn_input_format,
+    ffn_producer,
+    format_for,
+    fused_kernel,
+    is_ffn_hidden,
+    match_tanh_gelu,
+    sdpa_backend,
+)
 from slimfit_fx.ops.attention import attention_quantized
 from slimfit_fx.ops.attention_fused import attention_fused_quantized
 from slimfit_fx.ops.gated import gated_linear
 from slimfit_fx.ops.gelu import gelu_quantized, tanh_gelu_quantized
+from slimfit_fx.ops.saved import fmt_to_args
 
-from ._match import addmm_as_linear, arg, bias_source, nodes_of, replace_call, weight_source
+from .match import addmm_as_linear, bias_source, nodes_of, replace_call, weight_source
 
 
 def quantize_activations(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Point FFN-out Linears, GELUs and attention at the ops that keep their inputs quantized."""
     # FFN-out Linears first: they are found by their GELU producer, before GELUs change.
     _ffn_out_linears(gm, config)
     _gelus(gm, config)

@@ -1,24 +1,24 @@
 """Pass: under autocast, Linears keep the parameter instead of autocast's low-precision copy.
 
-Matches ``aten.linear(x, W', b')`` and ``aten.addmm(b', x, W')`` whose weight ``W'`` is a
-dtype cast of a parameter (the casts ``slimfit_fx.precision`` makes explicit), left
-over by the earlier passes.  Emits ``ops.gated.gated_linear(x, W, b, None, dtype)``
-(``W.t()`` for addmm): the same forward; backward casts ``W`` again instead of keeping
-``W'`` (eager autocast keeps one low-precision copy of every weight), and the input is
-kept only while ``W`` trains.  Graphs without autocast have no such casts and are left
-alone.  Rewrites ``gm`` in place and returns it.
+Reads the ``aten.linear(x, W', b')`` and ``aten.addmm(b', x, W')`` left over by the earlier passes
+whose weight ``W'`` is a dtype cast of a parameter (the casts ``slimfit_fx.precision`` makes
+explicit).  Rewrites each, in place, to ``ops.gated.gated_linear(x, W, b, None, dtype)``: the same
+forward; backward casts ``W`` again instead of keeping ``W'``, and the input is kept only while
+``W`` trains.  A graph without autocast has no such casts.
 """
 from __future__ import annotations
 
 from torch import fx
 
 from slimfit_fx.config import SlimFitConfig
+from slimfit_fx.nodes import arg
 from slimfit_fx.ops.gated import gated_linear
 
-from ._match import addmm_as_linear, arg, bias_source, nodes_of, replace_call, weight_source
+from .match import addmm_as_linear, bias_source, nodes_of, replace_call, weight_source
 
 
 def recast_weights(gm: fx.GraphModule, config: SlimFitConfig) -> fx.GraphModule:
+    """Point Linears whose weight is autocast's cast of a parameter at ``gated_linear`` on the parameter."""
     if not config.recast_weights:
         return gm
     for node in nodes_of(gm, "aten.linear"):

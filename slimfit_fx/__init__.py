@@ -1,16 +1,16 @@
-"""slimfit_fx: memory-efficient fine-tuning of transformer models through torch.fx.
+"""slimfit_fx: memory-efficient fine-tuning of PyTorch models through torch.fx.
 
-Public API: ``compile`` (a drop-in module that trains with far less activation
-memory), ``trace``, ``analyze`` (MemoryPlan before anything runs),
-``SlimFitConfig``, ``MemoryReport``, ``Scheduler`` with its ``Ratio`` and
-``Budget`` policies, the ``measure`` module (device-independent measurement) and
-the ``extend`` module (register what your own ops keep, patterns and passes).
+Gives the public API: ``compile`` (a drop-in ``SlimFitModule`` that keeps far fewer activation bytes),
+``trace``, ``analyze`` (a MemoryPlan before anything runs), ``SlimFitConfig``, ``MemoryReport``,
+``Scheduler`` with its ``Ratio`` and ``Budget`` policies, and the modules ``measure`` (measurement)
+and ``extend`` (what your own ops keep, patterns and passes).
+Never imports transformers, accelerate or torch._dynamo when imported: integrations load on first use.
 """
-from . import extend, measure
+from . import extend, integrations, measure  # integrations: registers compile(mode="compiled")
 from .compiler import ShardedParametersError, SlimFitModule, analyze, compile
 from .config import ConfigError, QuantFormat, SlimFitConfig
 from .memory import MemoryEstimate, MemoryPlan, MemoryReport, PlanError
-from .scheduler import Budget, Ratio, Scheduler, SchedulerError
+from .scheduler import Budget, FreezePolicy, Ratio, Scheduler, SchedulerError
 from .trace import TraceError, trace
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "trace",
     "measure",
     "extend",
+    "integrations",
     "SlimFitConfig",
     "QuantFormat",
     "ConfigError",
@@ -34,5 +35,6 @@ __all__ = [
     "Scheduler",
     "Ratio",
     "Budget",
+    "FreezePolicy",
     "SchedulerError",
 ]

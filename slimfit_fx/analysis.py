@@ -1,878 +1,56 @@
-"""Static analysis of what a captured graph saves for backward.
+"""Static analysis: what a captured graph saves for backward, for any frozen set.
 
-Reads a GraphModule from ``slimfit_fx.trace`` (ATen training IR with FakeTensor
-metadata); never mutates it.  Produces the saved-tensor inventory that the
-memory plan (``memory.py``) prices for any frozen set and that the passes read
-to decide what to rewrite.
-
-The single source of truth is ``OP_TABLE``: for each ATen op, a rule that lists
-the tensors autograd keeps for its backward and the condition under which each
-is kept.  A condition names argument positions: the tensor is saved when any of
-those arguments requires grad (empty: whenever the op is recorded at all).  A
-saved tensor is **dynamic** when every argument its condition names is a
-parameter (e.g. a Linear input, kept only for the weight gradient), and
-**static** otherwise (needed to back-propagate whatever is frozen).
-
-Storage is tracked through FakeTensor storages, so a view saved by one op and
-its base saved by another count once, as autograd's memory does.  Ops not in
-the table are assumed to save every tensor argument in full and are reported
-as unknown; nothing saved is ever silently dropped.
+Takes a GraphModule from ``slimfit_fx.trace`` (ATen training IR, FakeTensor metadata on every node),
+a ``SlimFitConfig`` or None (plain PyTorch) and the model that names the parameters; gives a
+``GraphAnalysis``: one record per node, every storage kept for backward and each op's use of it with
+the condition under which it is kept, and a networkx graph of layers, ops and tensors.  What each
+op keeps is ``op_table.OP_TABLE``'s.  Must never: mutate the graph, run the model, import the
+runtime ops (``slimfit_fx.ops``), or drop a save silently (an op missing from the table keeps every
+tensor argument and is listed in ``unknown_ops``).
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
-import math
-import operator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Iterable
 
 import networkx as nx
 import torch
 from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from .config import QuantFormat, SlimFitConfig
-from .quant import accepts, mask_nbytes
+from .config import SlimFitConfig
+from .extend import Fusion, find_fusions
+from .nodes import arg, cast_source, has_float_value, hint, numel, op_key, value
+from .op_table import (
+    MASK_ROLES,
+    NON_DIFFERENTIABLE,
+    OP_TABLE,
+    VIEW_OPS,
+    OpContext,
+    Rule,
+    Save,
+    attention_choice,
+    ffn_input_format,
+    ffn_producer,
+    format_for,
+    fused_kernel,
+    grad_reachable,
+    is_differentiable,
+    is_ffn_hidden,
+    match_tanh_gelu,
+    returns_input,
+    sdpa_backend,
+)
+from .quant import pruned_layernorm_bytes
 
 __all__ = [
-    "Save",
-    "OpContext",
-    "OP_TABLE",
-    "op_key",
-    "rule_for",
-    "SavedUse",
-    "SavedStorage",
-    "GraphAnalysis",
-    "analyze_graph",
-    "layer_parameters",
-    "sdpa_backend",
-    "pruned_layernorm_bytes",
+    "NodeInfo", "SavedUse", "SavedStorage", "GraphAnalysis", "ParameterNames", "analyze_graph", "parameter_names",
+    "classify_nodes", "layer_parameters", "storage_ref",
+    # Re-exported from their new homes (op_table, nodes, quant): the public names this module always gave.
+    "Save", "OpContext", "Rule", "OP_TABLE", "VIEW_OPS", "NON_DIFFERENTIABLE", "MASK_ROLES", "op_key", "cast_source",
+    "match_tanh_gelu", "returns_input", "ffn_producer", "is_ffn_hidden", "ffn_input_format", "format_for",
+    "sdpa_backend", "fused_kernel", "attention_choice", "grad_reachable", "pruned_layernorm_bytes",
 ]
-
-aten = torch.ops.aten
-
-
-# --------------------------------------------------------------------------- rules
-
-
-@dataclass(frozen=True)
-class Save:
-    """One tensor an op keeps for its backward.
-
-    ``source``: ``"arg"`` (argument ``index``), ``"out"`` (output ``index``) or
-    ``"new"`` (a temporary made inside the op, e.g. a dropout mask).
-    ``when``: argument positions; saved iff any of them requires grad.  Empty:
-    saved whenever the op is recorded.
-    ``copy_bytes``: None when the saved tensor shares the storage of its source;
-    else the bytes of a fresh storage (a temporary, a reshape copy, a quantized copy).
-    ``share``: saves of one node with the same tag are one storage.
-    ``role``: the class of activation (``attn_qk``, ``gelu_input``, ...), which
-    selects its SlimFit format and lets the passes find it.
-    """
-
-    source: str
-    index: int = 0
-    when: tuple[int, ...] = ()
-    role: str = "other"
-    copy_bytes: int | None = None
-    share: str | None = None
-    fmt: str = "full"
-    sub: int | None = None  # position inside a list argument (aten.index indices)
-    serves: tuple[int, ...] | None = None  # args whose gradient needs it (default: ``when``)
-    # (arg, requires_grad): saved only while that argument's requires_grad is this; the kernel an
-    # op runs can depend on it (SDPA runs its math kernel for a mask that trains)
-    variant: tuple[int, bool] | None = None
-
-
-@dataclass
-class OpContext:
-    """What a rule may consult besides the node: the SlimFit config and parameter roles.
-
-    ``is_param(node)``: ``node`` is a parameter, a view of one, or a dtype cast of one
-    (autocast's low-precision weight copy): a freezable weight.
-    """
-
-    config: SlimFitConfig | None
-    is_param: Callable[[fx.Node], bool]
-    may_require_grad: Callable[[fx.Node], bool] = lambda node: True  # under some frozen set
-    fused_op: Callable[[fx.Node], Callable | None] = lambda node: None  # the op a pattern fuses it into
-
-    def absorbs_cast(self, weight) -> bool:
-        """Whether the rewritten op takes the parameter behind this autocast cast and casts it
-        again in backward, so the low-precision copy is never kept (``SlimFitConfig.recast_weights``)."""
-        return (self.config is not None and self.config.recast_weights and cast_source(weight) is not None
-                and self.is_param(weight))
-
-
-Rule = Callable[[fx.Node, OpContext], list[Save]]
-
-
-def _val(node) -> torch.Tensor | None:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _numel(node) -> int:
-    return _hint(_val(node).numel())
-
-
-def _hint(x) -> int:
-    """Concrete value of a possibly symbolic int (its example value)."""
-    if isinstance(x, torch.SymInt):
-        return x.node.hint if x.node.hint is not None else int(x)
-    return int(x)
-
-
-def _itemsize(node) -> int:
-    return _val(node).dtype.itemsize
-
-
-def _arg(node: fx.Node, i: int, name: str | None = None, default=None):
-    if i < len(node.args):
-        return node.args[i]
-    if name is not None and name in node.kwargs:
-        return node.kwargs[name]
-    return default
-
-
-def _meta_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(
-        [_hint(s) for s in t.shape], [_hint(s) for s in t.stride()], dtype=t.dtype, device="meta"
-    )
-
-
-def _reshape_copies(node: fx.Node, shape: list[int]) -> bool:
-    """Whether ``reshape`` of this node's tensor to ``shape`` must copy (decided on meta tensors)."""
-    m = _meta_like(_val(node))
-    return not m.reshape(shape)._is_view()
-
-
-def _fmt_bytes(fmt: QuantFormat | None, numel: int, itemsize: int) -> int:
-    return numel * itemsize if fmt is None else fmt.nbytes(numel)
-
-
-def _no_save(node, ctx):
-    return []
-
-
-def _save_args(*specs: tuple[int, tuple[int, ...]], role="other") -> Rule:
-    """Rule saving argument ``i`` when any argument in its tuple requires grad."""
-
-    def rule(node, ctx):
-        return [Save("arg", i, when, role) for i, when in specs if isinstance(_arg(node, i), fx.Node)]
-
-    return rule
-
-
-def _save_out(role="other", when=()) -> Rule:
-    def rule(node, ctx):
-        return [Save("out", 0, when, role)]
-
-    return rule
-
-
-def _binary_mul(node, ctx):
-    # d(a*b)/da = b, d(a*b)/db = a: each operand is kept only for the other's gradient.
-    saves = []
-    a, b = _arg(node, 0), _arg(node, 1)
-    if isinstance(b, fx.Node) and isinstance(a, fx.Node):
-        saves += [Save("arg", 1, (0,)), Save("arg", 0, (1,))]
-    return saves
-
-
-def _binary_div(node, ctx):
-    a, b = _arg(node, 0), _arg(node, 1)
-    if not isinstance(b, fx.Node):
-        return []
-    saves = [Save("arg", 1, (0, 1))]
-    if isinstance(a, fx.Node):
-        saves.append(Save("arg", 0, (1,)))
-    return saves
-
-
-def _mm_like(a_idx: int, b_idx: int) -> Rule:
-    """mm/bmm/addmm/baddbmm: each matrix operand kept for the other's gradient."""
-
-    def rule(node, ctx):
-        return [Save("arg", a_idx, (b_idx,), "linear_input"), Save("arg", b_idx, (a_idx,), "linear_input")]
-
-    return rule
-
-
-def _addmm(node, ctx):
-    """addmm(bias, x, W) (GPT-2's Conv1D): like mm; fed by a GELU it is an FFN-out
-    projection whose input the config may keep quantized while W trains."""
-    saves = _mm_like(1, 2)(node, ctx)
-    fmt = ffn_input_format(_arg(node, 1), ctx.config, ctx.fused_op)
-    ffn_out = is_ffn_hidden(_arg(node, 1), ctx.fused_op) and ctx.is_param(_arg(node, 2))
-    if ffn_out:
-        first = saves[0]
-        copy = fmt.nbytes(_numel(_arg(node, 1))) if fmt is not None else None
-        saves[0] = Save(first.source, first.index, first.when, "ffn_out_input", copy_bytes=copy,
-                        fmt="ffn_out_input" if fmt is not None else "full")
-    if ctx.absorbs_cast(_arg(node, 2)) or (ffn_out and fmt is not None and cast_source(_arg(node, 2)) is not None):
-        # (ffn_out implies a parameter behind the cast)
-        saves = saves[:1]  # the rewritten op keeps the parameter, not its cast copy
-    return saves
-
-
-def _matmul(node, ctx):
-    """aten.matmul folds its operands to 2-D/3-D and calls mm/bmm, which keep each
-    folded operand for the other's gradient; folding copies when it cannot view."""
-    a, b = _arg(node, 0), _arg(node, 1)
-    av, bv = _val(a), _val(b)
-    ash, bsh = [_hint(s) for s in av.shape], [_hint(s) for s in bv.shape]
-    if len(ash) >= 3 and len(bsh) <= 2:
-        # (..., n, k) @ (k, m): a folds to (-1, k), b is used as is.
-        a_fold = ash, [-1, ash[-1]]
-        b_fold = None
-    elif len(ash) >= 3 or len(bsh) >= 3:
-        # Batched: both operands are broadcast to the common batch and folded to 3-D.
-        batch = list(torch.broadcast_shapes(tuple(ash[:-2]), tuple(bsh[:-2])))
-        nb = math.prod(batch)
-        a_fold = (batch + ash[-2:], [nb] + ash[-2:]) if len(ash) >= 2 else None
-        b_fold = (batch + bsh[-2:], [nb] + bsh[-2:]) if len(bsh) >= 2 else None
-    else:
-        a_fold = b_fold = None
-
-    def copy_bytes(operand, fold):
-        if fold is None:
-            return None
-        expanded, folded = fold
-        m = _meta_like(_val(operand)).expand(expanded)
-        if m.reshape(folded)._is_view():
-            return None
-        return math.prod(folded) * _val(operand).dtype.itemsize
-
-    return [Save("arg", 0, (1,), "matmul_input", copy_bytes=copy_bytes(a, a_fold), share="a"),
-            Save("arg", 1, (0,), "matmul_input", copy_bytes=copy_bytes(b, b_fold), share="b")]
-
-
-def _linear(node, ctx):
-    """aten.linear(x, W, b): x kept for dW (dynamic), W kept for dx (a parameter, not an activation;
-    under autocast W is a low-precision copy, kept unless the rewritten op casts the parameter again)."""
-    x = _val(_arg(node, 0))
-    saves = []
-    in_features = _hint(x.shape[-1])
-    copy = None
-    if x.dim() > 2 and _reshape_copies(_arg(node, 0), [-1, in_features]):
-        copy = _numel(_arg(node, 0)) * x.dtype.itemsize
-    role = "ffn_out_input" if is_ffn_hidden(_arg(node, 0), ctx.fused_op) else "linear_input"
-    fmt_name = "full"
-    ffn_fmt = ffn_input_format(_arg(node, 0), ctx.config, ctx.fused_op)
-    if role == "ffn_out_input" and ffn_fmt is not None:
-        copy = ffn_fmt.nbytes(_numel(_arg(node, 0)))
-        fmt_name = "ffn_out_input"
-    weight = _arg(node, 1)
-    absorbed = ctx.absorbs_cast(weight) or (fmt_name == "ffn_out_input" and cast_source(weight) is not None
-                                            and ctx.is_param(weight))
-    if absorbed and fmt_name == "full":
-        copy = None  # ops.gated.gated_linear keeps x itself, not linear's 2-D copy
-    saves.append(Save("arg", 0, (1,), role, copy_bytes=copy, fmt=fmt_name))
-    if not absorbed:  # the rewritten op keeps the parameter and casts it again in backward
-        saves.append(Save("arg", 1, (0,), "weight"))
-    return saves
-
-
-_VIEW_OPS = {
-    "aten.view", "aten._unsafe_view", "aten.reshape", "aten.transpose", "aten.permute", "aten.expand",
-    "aten.unsqueeze", "aten.squeeze", "aten.slice", "aten.select", "aten.t", "aten.alias", "aten.flatten",
-    "aten.contiguous", "aten.view_as", "aten.expand_as", "aten.unflatten", "aten.dropout",
-}
-
-
-# Ops that return a view of (or, for reshape/contiguous, a value equal to) their first argument.
-VIEW_OPS = frozenset(_VIEW_OPS - {"aten.dropout"})
-
-
-def _scalar_mul(node, name_value) -> tuple[fx.Node, float] | None:
-    """(tensor, scalar) when ``node`` is ``aten.mul(tensor, scalar)`` (either order)."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) == "aten.mul"):
-        return None
-    a, b = node.args[0], node.args[1]
-    if isinstance(a, fx.Node) and isinstance(b, (int, float)):
-        return a, float(b)
-    if isinstance(b, fx.Node) and isinstance(a, (int, float)):
-        return b, float(a)
-    return None
-
-
-def _is(node, key) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) == key
-
-
-def match_tanh_gelu(out: fx.Node) -> tuple[fx.Node, list[fx.Node], tuple] | None:
-    """Match the tanh-approximated GELU written out in ops (GPT-2's ``gelu_new``):
-    ``0.5*x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))``.
-
-    Returns ``(x, pattern nodes in graph order, constants)`` or None.  Every inner
-    node must feed only the pattern, so replacing the output removes them all.
-    The analysis prices a match as one GELU and the quantize pass rewrites it; both
-    call this function.
-    """
-    if not _is(out, "aten.mul") or len(out.args) != 2 or not all(isinstance(a, fx.Node) for a in out.args):
-        return None
-    for half_node, one_plus in (out.args, out.args[::-1]):
-        half = _scalar_mul(half_node, None)
-        if half is None or not _is(one_plus, "aten.add") or one_plus.args[1] != 1.0:
-            continue
-        x, c_half = half
-        tanh = one_plus.args[0]
-        if not _is(tanh, "aten.tanh"):
-            continue
-        inner = _scalar_mul(tanh.args[0], None)
-        if inner is None:
-            continue
-        poly, c_sqrt = inner
-        if not (_is(poly, "aten.add") and poly.args[0] is x):
-            continue
-        cubic = _scalar_mul(poly.args[1], None)
-        if cubic is None or not (_is(cubic[0], "aten.pow") and cubic[0].args[0] is x and cubic[0].args[1] == 3.0):
-            continue
-        c_cubic = cubic[1]
-        if not (c_half == 0.5 and abs(c_sqrt - math.sqrt(2 / math.pi)) < 1e-6 and abs(c_cubic - 0.044715) < 1e-9):
-            continue
-        pow_node, cubic_node = cubic[0], poly.args[1]
-        nodes = [half_node, pow_node, cubic_node, poly, tanh.args[0], tanh, one_plus, out]
-        inner_nodes = nodes[:-1]
-        if any(len(n.users) != 1 for n in inner_nodes):
-            continue
-        return x, nodes, (c_half, c_cubic, c_sqrt)
-    return None
-
-
-_CAST_OPS = {"aten._to_copy", "aten.to"}
-
-
-def cast_source(node) -> fx.Node | None:
-    """The input of ``node`` when it is a pure dtype cast (autocast's, or ``x.to(dtype)``), else None."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and op_key(node.target) in _CAST_OPS):
-        return None
-    src, out = node.args[0] if node.args else None, _val(node)
-    if _val(src) is None or out is None or out.device != _val(src).device:
-        return None
-    if set(node.kwargs) - {"dtype"} or any(not isinstance(a, torch.dtype) for a in node.args[1:]):
-        return None
-    return src
-
-
-def returns_input(node) -> fx.Node | None:
-    """The input ``node`` hands back unchanged at run time, where the captured metadata shows a fresh
-    tensor: ``dropout`` with ``p=0`` or ``train=False``, ``contiguous`` of a contiguous tensor."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.args):
-        return None
-    key, src = op_key(node.target), node.args[0]
-    if not isinstance(src, fx.Node) or _val(src) is None:
-        return None
-    if key == "aten.dropout" and (_arg(node, 1, "p", 0.5) == 0 or not _arg(node, 2, "train", True)):
-        return src
-    if key == "aten.contiguous" and _val(src).is_contiguous():
-        return src
-    return None
-
-
-def ffn_producer(node, fused_op: Callable = lambda node: None) -> str | None:
-    """``"gelu"``, ``"relu"`` or ``"glu"`` when ``node`` is an FFN's hidden activation, looking through
-    views (the FFN-out Linear input): a GELU output, or the output of an op whose ``ffn_hidden``
-    names its kind (ReLU bits, a gated MLP's product), already in the graph or, by ``fused_op``,
-    about to be fused into one."""
-    while isinstance(node, fx.Node) and node.op == "call_function":
-        key = op_key(node.target)
-        if key == "aten.gelu" or match_tanh_gelu(node) is not None:
-            return "gelu"
-        kind = getattr(node.target, "ffn_hidden", None) or getattr(fused_op(node), "ffn_hidden", None)
-        if kind:
-            return kind
-        if (key in _VIEW_OPS and key != "aten.dropout") or cast_source(node) is not None:
-            node = node.args[0]
-            continue
-        return None
-    return None
-
-
-def is_ffn_hidden(node, fused_op: Callable = lambda node: None) -> bool:
-    """Whether ``node`` is an FFN's hidden activation (``ffn_producer``)."""
-    return ffn_producer(node, fused_op) is not None
-
-
-def ffn_input_format(node, config: SlimFitConfig | None, fused_op: Callable = lambda node: None):
-    """The format an FFN-out Linear keeps its input ``node`` in while it trains:
-    ``ffn_out_input_format`` after a GELU or ReLU, ``glu_down_input_format`` after a gated product."""
-    producer = ffn_producer(node, fused_op)
-    if config is None or producer is None:
-        return None
-    return format_for(config.glu_down_input_format if producer == "glu" else config.ffn_out_input_format, node)
-
-
-def _conv(node, ctx):
-    """Convolution keeps input and weight whenever recorded (one backward formula for all
-    outputs), so a frozen conv with a trainable bias still keeps its input in eager
-    PyTorch; the input only serves the weight gradient, hence dynamic.  The freeze
-    gate (which leaves string paddings such as "same" alone) makes it conditional on
-    the weight."""
-    gated = (ctx.config is not None and ctx.config.freeze_gate and ctx.is_param(_arg(node, 1))
-             and not isinstance(_arg(node, 4, "padding"), str))
-    saves = [Save("arg", 0, (1,) if gated else (), "conv_input", serves=(1,))]
-    if not (gated and cast_source(_arg(node, 1)) is not None):  # a gated conv casts the parameter itself
-        saves.append(Save("arg", 1, () if not gated else (0,), "weight", serves=(0,)))
-    return saves
-
-
-def _embedding(node, ctx):
-    return [Save("arg", 1, (0,), "embedding_indices")]
-
-
-def _layer_norm(node, ctx):
-    """layer_norm(x, shape, w, b): x, per-row mean and 1/sigma, kept whenever recorded.
-
-    Under SlimFit pruning, a LayerNorm whose weight is frozen keeps the top
-    ``keep_ratio`` of |normalized x| per row (values and int16/int32 indices)
-    plus 1/sigma; that choice depends on the frozen set, so both variants are
-    listed and the plan picks one (``fmt``: ``ln_full`` / ``ln_pruned``).
-    """
-    x = _val(_arg(node, 0))
-    shape = _arg(node, 1)
-    row = math.prod(_hint(s) for s in shape)
-    rows = _numel(_arg(node, 0)) // max(row, 1)
-    stat = rows * _layer_norm_stat_dtype(node).itemsize
-    pruning = ctx.config is not None and ctx.config.prune_layernorm
-    variant = "ln_full" if pruning else "full"
-    full = [
-        Save("arg", 0, (), "layernorm_input", fmt=variant),
-        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="mean", fmt=variant),
-        Save("new", 0, (), "layernorm_stats", copy_bytes=stat, share="rstd", fmt=variant),
-    ]
-    if not (pruning and ctx.is_param(_arg(node, 2, "weight"))):
-        # Parameters are not activations, but an autocast copy of them is (CUDA's fp32 LayerNorm
-        # of bf16 weights); the pruning pass casts the parameters itself.
-        full += [Save("arg", i, (), "weight", fmt=variant) for i in (2, 3) if cast_source(_arg(node, i)) is not None]
-    if not pruning:
-        return full
-    # Frozen weight: only the input's gradient needs anything (the bias gets sum(g)).
-    pruned = [
-        Save("new", 0, (0,), "layernorm_pruned", share="topk", fmt="ln_pruned",
-             copy_bytes=pruned_layernorm_bytes(rows, row, x.dtype, ctx.config.layernorm_keep_ratio)),
-        Save("new", 0, (0,), "layernorm_stats", copy_bytes=stat, share="rstd", fmt="ln_pruned"),
-    ]
-    return full + pruned
-
-
-def _layer_norm_stat_dtype(node) -> torch.dtype:
-    """Dtype of LayerNorm's mean and 1/sigma: fp32 for fp32 and mixed inputs and on CUDA; the CPU keeps
-    a bf16/fp16 LayerNorm's statistics in bf16/fp16 when its parameters share that dtype."""
-    x = _val(_arg(node, 0))
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        return x.dtype if x.dtype == torch.float64 else torch.float32
-    params = [_val(_arg(node, i)) for i in (2, 3) if _val(_arg(node, i)) is not None]
-    if x.device.type == "cpu" and all(p.dtype == x.dtype for p in params):
-        return x.dtype
-    return torch.float32
-
-
-def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
-    """Bytes of a pruned LayerNorm (or RMSNorm) save: top-k values and their column indices per row
-    (``ops.layernorm`` keeps exactly these)."""
-    from .ops.layernorm import keep_count
-
-    k = keep_count(row, keep_ratio)
-    index_bytes = 2 if row <= torch.iinfo(torch.int16).max else 4
-    return rows * k * (dtype.itemsize + index_bytes)
-
-
-def _dropout(node, ctx):
-    """Train-mode dropout keeps its mask: float noise of the input's dtype on CPU, bool on CUDA.
-    Under SlimFit (``ops.dropout``) it keeps the mask's bits or the RNG state instead."""
-    p, train = _arg(node, 1, "p", 0.5), _arg(node, 2, "train", True)
-    if not train or p == 0:
-        return []
-    x = _val(_arg(node, 0))
-    if ctx.config is not None and ctx.config.compacts_dropout:
-        mode = ctx.config.dropout_mode(x.device.type)
-        return [Save("new", 0, (0,), MASK_ROLES[mode], share="mask",
-                     copy_bytes=mask_nbytes(_numel(_arg(node, 0)), mode, x.device, x.dtype))]
-    per = 1 if x.device.type in ("cuda", "xpu") else x.dtype.itemsize
-    return [Save("new", 0, (0,), "dropout_mask", copy_bytes=_numel(_arg(node, 0)) * per)]
-
-
-# The role of what a dropout keeps, by ``SlimFitConfig.dropout_mode``.
-MASK_ROLES = {"bits": "dropout_bits", "replay": "rng_state", "full": "dropout_mask"}
-
-
-def _native_dropout(node, ctx):
-    return [Save("out", 1, (0,), "dropout_mask")]
-
-
-def sdpa_backend(node: fx.Node) -> str:
-    """Which kernel ``scaled_dot_product_attention`` runs on the graph's device: ``flash``,
-    ``efficient``, ``cudnn`` or ``math``; asked of PyTorch itself with tensors of the node's shapes."""
-    q, k, v = (_val(_arg(node, i)) for i in range(3))
-    mask = _arg(node, 3, "attn_mask")
-    mv = _val(mask) if isinstance(mask, fx.Node) else None
-
-    def sig(t):
-        return None if t is None else (tuple(_hint(s) for s in t.shape), tuple(_hint(s) for s in t.stride()), t.dtype)
-
-    return _sdpa_choice(
-        str(q.device), sig(q), sig(k), sig(v), sig(mv),
-        float(_arg(node, 4, "dropout_p", 0.0)), bool(_arg(node, 5, "is_causal", False)),
-        node.kwargs.get("scale", _arg(node, 6)), bool(node.kwargs.get("enable_gqa", _arg(node, 7, default=False))),
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _sdpa_choice(device, q, k, v, mask, dropout_p, is_causal, scale, gqa) -> str:
-    # Every layer of a model asks the same question: answer it once per signature.
-    # Shapes and strides decide the kernel, values don't; empty_strided allocates
-    # without initialising.
-    def real(sig):
-        return None if sig is None else torch.empty_strided(sig[0], sig[1], dtype=sig[2], device=device)
-
-    choice = torch._fused_sdp_choice(real(q), real(k), real(v), real(mask), dropout_p, is_causal,
-                                     scale=scale, enable_gqa=gqa)
-    names = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
-    return names.get(int(choice), "math")
-
-
-def _sdpa(node, ctx):
-    choice = attention_choice(node, ctx.config, ctx) if ctx.config is not None else "kernel"
-    if choice == "core":
-        return _sdpa_quantized(node, ctx.config)
-    if choice == "fused":
-        return _sdpa_fused_quantized(node, ctx.config)
-    return _sdpa_plain(node, ctx)
-
-
-def fused_kernel(node) -> str | None:
-    """The fused kernel ``ops.attention_fused`` runs for this SDPA node, or None where it cannot
-    (dropout, grouped-query heads left to the kernel, a kernel it does not drive)."""
-    from .ops.attention_fused import kernel_for
-
-    if _arg(node, 4, "dropout_p", 0.0) > 0 or node.kwargs.get("enable_gqa", False):
-        return None
-    return kernel_for(_val(_arg(node, 0)).device.type, sdpa_backend(node),
-                      isinstance(_arg(node, 3, "attn_mask"), fx.Node))
-
-
-def _sdpa_fused_quantized(node, cfg: SlimFitConfig) -> list[Save]:
-    """``ops.attention_fused`` keeps Q, K, V (their formats) and the output (``attn_v_format``),
-    the log-sum-exp, and the mask as given: whenever recorded, as the kernels do."""
-    q = _val(_arg(node, 0))
-    rows = math.prod(_hint(s) for s in q.shape[:-1])
-
-    def kept(i, fmt, role):
-        if fmt is None:
-            return Save("arg", i, (), role)
-        return Save("arg", i, (), role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
-
-    saves = [kept(0, cfg.attn_qk_format, "attn_qk"), kept(1, cfg.attn_qk_format, "attn_qk"),
-             kept(2, cfg.attn_v_format, "attn_v")]
-    out_fmt = format_for(cfg.attn_v_format, node)
-    saves.append(Save("out", 0, (), "attn_output") if out_fmt is None else
-                 Save("new", 0, (), "attn_output", copy_bytes=out_fmt.nbytes(_numel(node)), share="out"))
-    saves.append(Save("new", 0, (), "attn_logsumexp", copy_bytes=rows * 4, share="lse"))
-    if isinstance(_arg(node, 3, "attn_mask"), fx.Node):
-        saves.append(Save("arg", 3, (), "attn_mask"))
-    return saves
-
-
-def _sdpa_quantized(node, cfg: SlimFitConfig) -> list[Save]:
-    """ops.attention keeps Q, K, V and the softmax output (fp32 for bf16/fp16 inputs) in the
-    config's formats (a format of None keeps the tensor itself) and, with dropout, the mask's
-    bits or RNG state (``SlimFitConfig.dropout_mode``)."""
-    q, k, v = (_arg(node, i) for i in range(3))
-    qv = _val(q)
-    lead = [_hint(s) for s in qv.shape[:-2]]
-    probs_numel = math.prod(lead) * _hint(qv.shape[-2]) * _hint(_val(k).shape[-2])
-    acc = torch.float32 if qv.dtype in (torch.bfloat16, torch.float16) else qv.dtype
-
-    def kept(i, when, role, fmt):
-        if fmt is None:
-            return Save("arg", i, when, role)
-        return Save("arg", i, when, role, copy_bytes=fmt.nbytes(_numel(_arg(node, i))), fmt="q")
-
-    saves = [
-        kept(0, (1,), "attn_qk", cfg.attn_qk_format),
-        kept(1, (0,), "attn_qk", cfg.attn_qk_format),
-        kept(2, (0, 1, 3), "attn_v", cfg.attn_v_format),  # 3: a mask that trains (a relative-position bias)
-        Save("new", 0, (), "attn_probs", share="probs",
-             copy_bytes=_fmt_bytes(cfg.attn_probs_format, probs_numel, acc.itemsize)),
-    ]
-    if _arg(node, 4, "dropout_p", 0.0) > 0:
-        mode = cfg.dropout_mode(qv.device.type)
-        saves.append(Save("new", 0, (), MASK_ROLES[mode], share="mask",
-                          copy_bytes=mask_nbytes(probs_numel, mode, qv.device, acc)))
-    return saves
-
-
-def _sdpa_plain(node, ctx: OpContext | None = None) -> list[Save]:
-    """What eager SDPA keeps: the kernel PyTorch picks for these shapes, or, while an additive mask
-    trains (a relative-position bias), the math kernel, the only one with a mask gradient."""
-    mask = _arg(node, 3, "attn_mask")
-    backend = sdpa_backend(node)
-    if not (isinstance(mask, fx.Node) and ctx is not None and ctx.may_require_grad(mask)) or backend == "math":
-        return _sdpa_kernel_saves(node, backend)
-    frozen = [dataclasses.replace(s, variant=(3, False)) for s in _sdpa_kernel_saves(node, backend)]
-    trains = [dataclasses.replace(s, variant=(3, True), share=f"{s.share or s.role}/math")
-              for s in _sdpa_kernel_saves(node, "math")]
-    return frozen + trains
-
-
-def _sdpa_kernel_saves(node, backend: str) -> list[Save]:
-    q, k, v = (_arg(node, i) for i in range(3))
-    qv, kv, vv = _val(q), _val(k), _val(v)
-    mask = _arg(node, 3, "attn_mask")
-    dropout_p = _arg(node, 4, "dropout_p", 0.0)
-    lead = [_hint(s) for s in qv.shape[:-2]]
-    n_q, n_k = _hint(qv.shape[-2]), _hint(kv.shape[-2])
-    probs_numel = math.prod(lead) * n_q * n_k
-    item = qv.dtype.itemsize
-    if backend in ("flash", "efficient", "cudnn"):
-        # Fused kernels keep q, k, v, the output and the row log-sum-exp; a boolean
-        # mask is converted to an additive float mask that is kept too.
-        saves = [Save("arg", i, (), "attn_fused_input") for i in range(3)]
-        saves.append(Save("out", 0, (), "attn_output"))
-        saves.append(Save("new", 0, (), "attn_logsumexp", copy_bytes=math.prod(lead) * n_q * 4, share="lse"))
-        if isinstance(mask, fx.Node):
-            mv = _val(mask)
-            if mv.dtype == torch.bool:
-                saves.append(Save("new", 0, (), "attn_mask", copy_bytes=_numel(mask) * item, share="mask"))
-            else:
-                saves.append(Save("arg", 3, (), "attn_mask"))
-        return saves
-    # Math path: q and k^T are scaled copies, softmax output and (in training with
-    # dropout) the float mask and the dropped probabilities are kept; v is folded to
-    # 3-D for bmm, which copies it unless its batch dims merge as a view.  On the CPU
-    # the math path computes bf16/fp16 in fp32: every one of these is an fp32 copy.
-    batch = math.prod(lead)
-    v_copy = None
-    if qv.device.type == "cpu" and qv.dtype in (torch.bfloat16, torch.float16):
-        item = 4
-        v_copy = _numel(v) * item
-    elif _reshape_copies(v, [batch, _hint(vv.shape[-2]), _hint(vv.shape[-1])]):
-        v_copy = _numel(v) * item
-    saves = [
-        Save("new", 0, (1,), "attn_qk", copy_bytes=_numel(q) * item, share="q_scaled"),
-        Save("new", 0, (0,), "attn_qk", copy_bytes=_numel(k) * item, share="k_scaled"),
-        Save("new", 0, (0, 1, 3), "attn_probs", copy_bytes=probs_numel * item, share="probs"),
-        Save("arg", 2, (0, 1, 3), "attn_v", copy_bytes=v_copy),
-    ]
-    if dropout_p > 0:
-        saves.append(Save("new", 0, (0, 1, 3), "dropout_mask", copy_bytes=probs_numel * item, share="mask"))
-        saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="dropped"))
-    else:
-        saves.append(Save("new", 0, (2,), "attn_probs", copy_bytes=probs_numel * item, share="probs"))
-    return saves
-
-
-def _saves_bytes(node: fx.Node, saves: list[Save]) -> int:
-    """Bytes a list of saves keeps, counting every input as its own storage."""
-    total = 0
-    for save in saves:
-        if save.copy_bytes is not None:
-            total += save.copy_bytes
-        elif save.source == "arg":
-            total += _numel(_arg(node, save.index)) * _itemsize(_arg(node, save.index))
-        elif save.source == "out":
-            total += _numel(node) * _itemsize(node)
-    return total
-
-
-def attention_choice(node: fx.Node, config: SlimFitConfig, ctx: OpContext | None = None) -> str:
-    """How an SDPA node keeps its tensors: ``"kernel"`` (as PyTorch's kernel does), ``"core"``
-    (``ops.attention``: quantized Q/K/V and softmax output, an S x S matrix) or ``"fused"``
-    (``ops.attention_fused``: quantized Q/K/V/output on the fused kernel, no S x S matrix),
-    whichever keeps the fewest bytes for these shapes on this device.  A mask that trains sends
-    PyTorch to the math kernel and rules the fused path out.  The attention pass and the
-    prediction both ask this one function."""
-    if not config.quantizes_attention or not accepts(_val(_arg(node, 0)).dtype):
-        return "kernel"
-    mask = _arg(node, 3, "attn_mask")
-    trains = isinstance(mask, fx.Node) and (ctx.may_require_grad(mask) if ctx is not None else
-                                            _depends_on_parameter(mask))
-    costs = {"kernel": _saves_bytes(node, _sdpa_kernel_saves(node, "math" if trains else sdpa_backend(node))),
-             "core": _saves_bytes(node, _sdpa_quantized(node, config))}
-    if not trains and fused_kernel(node) is not None:
-        costs["fused"] = _saves_bytes(node, _sdpa_fused_quantized(node, config))
-    return min(costs, key=lambda c: (costs[c], c != "kernel"))
-
-
-def _depends_on_parameter(node: fx.Node) -> bool:
-    """Whether a parameter (a ``get_attr`` of an ``nn.Parameter``) reaches ``node`` (the passes' view)."""
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "get_attr":
-            owner = n.graph.owning_module
-            try:
-                if isinstance(owner.get_parameter(n.target), torch.nn.Parameter):
-                    return True
-            except AttributeError:
-                pass
-        stack.extend(n.all_input_nodes)
-    return False
-
-
-def _cross_entropy(node, ctx):
-    """cross_entropy = log_softmax + nll_loss: keeps log-probabilities, target, total weight."""
-    logits = _arg(node, 0)
-    return [
-        Save("new", 0, (0,), "logprobs", copy_bytes=_numel(logits) * _itemsize(logits), share="logp"),
-        Save("arg", 1, (0,), "target"),
-        Save("new", 0, (0,), "other", copy_bytes=_itemsize(logits), share="total_weight"),
-    ]
-
-
-def _gelu(node, ctx):
-    fmt = format_for(ctx.config and ctx.config.gelu_input_format, _arg(node, 0))
-    if fmt is not None:
-        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q", copy_bytes=fmt.nbytes(_numel(_arg(node, 0))))]
-    return [Save("arg", 0, (0,), "gelu_input")]
-
-
-def format_for(fmt: QuantFormat | None, node) -> QuantFormat | None:
-    """``fmt``, or None when the tensor of ``node`` has a dtype the formats do not take (float64,
-    integers): such a tensor is kept unquantized, by the prediction and the passes alike."""
-    val = _val(node)
-    return fmt if fmt is not None and val is not None and accepts(val.dtype) else None
-
-
-def _index(node, ctx):
-    """aten.index(x, [i0, i1, ...]): the index tensors are kept for the gradient of x."""
-    indices = _arg(node, 1) or []
-    return [Save("arg", 1, (0,), "indices", sub=k) for k, t in enumerate(indices) if isinstance(t, fx.Node)]
-
-
-def _fused_gelu_rule(x: fx.Node) -> Rule:
-    """The saves of a matched tanh-GELU chain once fused: its input, in the GELU format."""
-
-    def rule(node, ctx):
-        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q", copy_bytes=ctx.config.gelu_input_format.nbytes(_numel(x)))]
-
-    return rule
-
-
-def _adaptive_pool(node, ctx):
-    """Adaptive average pooling keeps its input for the gradient, except to size 1: then it is a mean."""
-    size = _arg(node, 1, "output_size")
-    if size is not None and all(int(s) == 1 for s in size):
-        return []
-    return [Save("arg", 0, (0,), "pool_input")]
-
-
-def _where(node, ctx):
-    return [Save("arg", 0, (1, 2), "mask")]
-
-
-# Ops whose output never requires grad (comparisons, factories, metadata checks,
-# integer arithmetic) or that keep nothing for backward.
-NON_DIFFERENTIABLE = {
-    "aten.arange", "aten.ge", "aten.gt", "aten.le", "aten.lt", "aten.eq", "aten.ne", "aten.__and__",
-    "aten.__or__", "aten.bitwise_and", "aten.bitwise_or", "aten.bitwise_not", "aten.logical_not",
-    "aten.logical_and", "aten.logical_or", "aten._assert_tensor_metadata", "aten.new_ones",
-    "aten.new_zeros", "aten.new_full", "aten.new_empty", "aten.ones", "aten.zeros", "aten.full",
-    "aten.empty", "aten.ones_like", "aten.zeros_like", "aten.full_like", "aten.empty_like",
-    "aten.scalar_tensor", "aten.detach", "aten.argmax", "aten.argmin", "aten.sym_size", "aten.sym_numel",
-    "aten._assert_async", "aten._assert_scalar", "aten.lift_fresh_copy", "aten.isinf", "aten.isnan",
-    "aten.tril_indices", "aten.triu_indices", "aten.randint", "aten.rand", "aten.randn", "aten.bernoulli",
-    "wrap_with_set_grad_enabled_false",
-}
-
-_NO_SAVE_OPS = _VIEW_OPS - {"aten.dropout"} | {
-    "aten.add", "aten.sub", "aten.neg", "aten.cat", "aten.stack", "aten.split", "aten.split_with_sizes",
-    "aten.chunk", "aten.unbind", "aten.clone", "aten.to", "aten._to_copy", "aten.type_as", "aten.mean",
-    "aten.sum", "aten.pad", "aten.constant_pad_nd", "aten.tril", "aten.triu", "aten.repeat",
-    "aten.masked_fill_scalar_free", "aten.copy", "aten.fill", "aten.zero", "aten.roll", "aten.narrow",
-    "aten.movedim", "aten.swapaxes", "aten.chunk", "aten.tensor_split", "aten.as_strided", "aten.squeeze_",
-    "aten.unsqueeze_", "aten.diagonal", "aten.flip", "aten.rsub", "getitem",
-}
-
-OP_TABLE: dict[str, Rule] = {
-    **{k: _no_save for k in _NO_SAVE_OPS},
-    "aten.linear": _linear,
-    "aten.matmul": _matmul,
-    "aten.addmm": lambda node, ctx: _addmm(node, ctx),
-    "aten.mm": _mm_like(0, 1),
-    "aten.bmm": _mm_like(0, 1),
-    "aten.baddbmm": _mm_like(1, 2),
-    "aten.conv1d": _conv,
-    "aten.conv2d": _conv,
-    "aten.conv3d": _conv,
-    "aten.convolution": _conv,
-    "aten.embedding": _embedding,
-    "aten.layer_norm": _layer_norm,
-    "aten.native_layer_norm": _layer_norm,
-    "aten.dropout": _dropout,
-    "aten.native_dropout": _native_dropout,
-    "aten.scaled_dot_product_attention": _sdpa,
-    "aten.cross_entropy_loss": _cross_entropy,
-    "aten.gelu": _gelu,
-    "aten.silu": _save_args((0, (0,)), role="activation_input"),
-    "aten.relu": _save_out("activation_output", (0,)),
-    "aten.tanh": _save_out("activation_output", (0,)),
-    "aten.sigmoid": _save_out("activation_output", (0,)),
-    "aten.exp": _save_out("activation_output", (0,)),
-    "aten.rsqrt": _save_out("activation_output", (0,)),
-    "aten.sqrt": _save_out("activation_output", (0,)),
-    "aten.softmax": _save_out("attn_probs", (0,)),
-    "aten._softmax": _save_out("attn_probs", (0,)),
-    "aten.log_softmax": _save_out("logprobs", (0,)),
-    "aten._log_softmax": _save_out("logprobs", (0,)),
-    "aten.pow": _save_args((0, (0,))),
-    "aten.log": _save_args((0, (0,))),
-    "aten.sin": _save_args((0, (0,))),  # rotary embeddings (LLaMA): cos/sin of positions, no grad there
-    "aten.cos": _save_args((0, (0,))),
-    "aten.abs": _save_args((0, (0,))),
-    "aten.clamp": _save_args((0, (0,))),
-    "aten.clamp_min": _save_args((0, (0,))),
-    "aten.clamp_max": _save_args((0, (0,))),
-    "aten.adaptive_avg_pool1d": _adaptive_pool,
-    "aten.adaptive_avg_pool2d": _adaptive_pool,
-    "aten.floor": _no_save,  # zero gradient: nothing kept
-    "aten.ceil": _no_save,
-    "aten.round": _no_save,
-    "aten.trunc": _no_save,
-    "aten.sign": _no_save,
-    "aten.topk": lambda node, ctx: [Save("out", 1, (0,), "indices")],  # the indices scatter the gradient
-    # transformers' MoE expert matmul (Mixtral, Qwen-MoE): its autograd keeps input and weights (save_for_backward)
-    # and holds the offsets on ctx, out of the saved-tensor hooks' sight.
-    "transformers.grouped_mm_fallback": _save_args((0, ()), (1, ()), role="linear_input"),
-    "aten.div_": _binary_div,  # in place: the quotient's storage is the dividend's
-    "aten.mul_": _binary_mul,
-    "aten.add_": _no_save,
-    "aten.sub_": _no_save,
-    "aten.mul": _binary_mul,
-    "aten.div": _binary_div,
-    "aten.gather": _save_args((0, (0,)), (2, (0,)), role="indices"),
-    "aten.masked_fill": _save_args((1, (0, 2)), role="mask"),
-    "aten.where": _where,
-    "aten.index": _index,
-}
-
-
-def op_key(target) -> str:
-    """Table key of a graph target: the overload packet name (``aten.linear``)."""
-    if target is operator.getitem:
-        return "getitem"
-    name = getattr(target, "name", None)
-    if callable(name):  # OpOverload.name() -> "aten::linear"
-        return name().split(".")[0].replace("::", ".")
-    return str(getattr(target, "__name__", target))
-
-
-def rule_for(node: fx.Node) -> Rule | None:
-    return OP_TABLE.get(op_key(node.target))
-
-
-def _unknown_rule(node, ctx):
-    # Not in the table: assume every tensor argument is saved in full, whenever recorded.
-    return [Save("arg", i, (), "unknown") for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
-
-
-# ----------------------------------------------------------------- graph analysis
 
 
 def layer_parameters(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:
@@ -908,6 +86,7 @@ class SavedUse:
 
     @property
     def dynamic(self) -> bool:
+        """Kept only for its owners' gradients: frozen owners keep nothing."""
         return bool(self.owners)
 
 
@@ -924,6 +103,19 @@ class SavedStorage:
 
 
 @dataclass
+class NodeInfo:
+    """What the analysis knows of one graph node, whatever the frozen set."""
+
+    name: str
+    kind: str  # "param" | "input" | "op" (autograd may record it) | "nograd" | "const" | "other"
+    inputs: tuple[str, ...]  # the nodes it reads
+    float_out: bool  # a floating (or complex) result: one that can require grad
+    param: str | None = None  # kind "param": the parameter it reads, by the model's name
+    layer: str | None = None  # a call: the nearest preceding layer parameter (what it is attributed to)
+    norm_weight: str | None = None  # a priced LayerNorm: its weight parameter (set by the rule stage)
+
+
+@dataclass
 class GraphAnalysis:
     """The saved-tensor inventory of one graph, independent of the frozen set."""
 
@@ -932,12 +124,7 @@ class GraphAnalysis:
     storages: list[SavedStorage]
     uses: list[SavedUse]
     unknown_ops: dict[str, int]
-    node_inputs: dict[str, tuple[str, ...]]
-    node_kind: dict[str, str]  # node -> "param:<fqn>" | "input" | "op" | "nograd" | "const"
-    float_out: dict[str, bool]
-    order: list[str]
-    layer_op: dict[str, str]  # node -> nearest preceding layer parameter (for attribution)
-    ln_weight: dict[str, str | None]  # layer_norm node -> its weight FQN
+    nodes: dict[str, NodeInfo]  # every node, in graph order
     graph: nx.DiGraph
     config: SlimFitConfig | None
     aliases: dict[str, str] = field(default_factory=dict)  # tied-parameter name -> canonical name
@@ -947,12 +134,11 @@ class GraphAnalysis:
     def requires_grad(self, trainable: set[str]) -> dict[str, bool]:
         """Which node outputs require grad when exactly ``trainable`` parameters do."""
         rg: dict[str, bool] = {}
-        for name in self.order:
-            kind = self.node_kind[name]
-            if kind.startswith("param:"):
-                rg[name] = kind[6:] in trainable
-            elif kind == "op":
-                rg[name] = self.float_out[name] and any(rg.get(i, False) for i in self.node_inputs[name])
+        for name, info in self.nodes.items():
+            if info.kind == "param":
+                rg[name] = info.param in trainable
+            elif info.kind == "op":
+                rg[name] = info.float_out and any(rg.get(i, False) for i in info.inputs)
             else:
                 rg[name] = False
         return rg
@@ -969,7 +155,7 @@ class GraphAnalysis:
             if use.variant is not None and rg.get(use.variant[0], False) != use.variant[1]:
                 continue
             if use.fmt in ("ln_full", "ln_pruned"):
-                w = self.ln_weight.get(use.node)
+                w = self.nodes[use.node].norm_weight
                 frozen = w is not None and w not in trainable
                 if (use.fmt == "ln_pruned") != frozen:
                     continue
@@ -989,247 +175,307 @@ def storage_ref(n: fx.Node, val: torch.Tensor):
     return n.meta["slimfit_storages"].get(ref, (copy, ref))
 
 
-def _input_requiring_grad(n: fx.Node) -> bool:
-    """A graph input captured requiring grad: a block's hidden states (``slimfit_fx.blocks``)."""
-    val = n.meta.get("val")
-    return n.op == "placeholder" and isinstance(val, torch.Tensor) and val.requires_grad
+# The stages of ``analyze_graph``: name the parameters, classify the nodes, find the fusions, apply
+# the table's rules.
 
 
-def _differentiable(n: fx.Node) -> bool:
-    """Whether autograd may record the call node ``n`` (not a comparison, factory or no-grad region)."""
-    key = op_key(n.target)
-    return key not in NON_DIFFERENTIABLE and not (
-        "wrap_with_set_grad_enabled" in key and n.args and n.args[0] is False)
+@dataclass(frozen=True)
+class ParameterNames:
+    """The graph's parameters under the model's own names: a tied parameter (one ``nn.Parameter``
+    under two names, GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``) is one, named as
+    ``model.named_parameters()`` first names it."""
+
+    canonical: dict[str, str]  # every name, the graph's and the model's -> the parameter's first name
+    params: dict[str, torch.nn.Parameter]  # first name -> parameter, in the graph's order
+    in_graph: dict[str, torch.nn.Parameter]  # the graph's own names (tied ones too) -> parameter
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        """Every other name of a tied parameter -> its first name."""
+        return {k: v for k, v in self.canonical.items() if k != v}
 
 
-def _floating(n: fx.Node) -> bool:
-    val = n.meta.get("val")
-    vals = val if isinstance(val, (tuple, list)) else [val]
-    return any(isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in vals)
-
-
-def grad_reachable(gm: fx.GraphModule) -> set[str]:
-    """Names of the nodes that require grad under some frozen set: the parameters, inputs captured
-    requiring grad, and the float results of differentiable ops that one of them reaches.  The
-    analysis and the patterns ask this."""
-    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
-    reachable: set[str] = set()
-    for n in gm.graph.nodes:
-        if (n.op == "get_attr" and n.target in params) or _input_requiring_grad(n) or (
-                n.op == "call_function" and _differentiable(n) and _floating(n)
-                and any(a.name in reachable for a in n.all_input_nodes)):
-            reachable.add(n.name)
-    return reachable
-
-
-class _StorageIds:
-    def __init__(self):
-        self.ids: dict = {}
-
-    def get(self, key) -> int | None:
-        return self.ids.get(key)
-
-    def add(self, key) -> int:
-        return self.ids.setdefault(key, len(self.ids))
-
-
-def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
-                  model: torch.nn.Module | None = None) -> GraphAnalysis:
-    """Build the saved-tensor inventory of ``gm`` (from ``trace``) under ``config`` formats.
-
-    Tied parameters (one ``nn.Parameter`` under two names, e.g. GPT-2's
-    ``lm_head.weight`` and ``transformer.wte.weight``) are one layer, named as
-    ``model.named_parameters()`` names it (the first name).
-    """
+def parameter_names(gm: fx.GraphModule, model: torch.nn.Module | None = None) -> ParameterNames:
+    """Name ``gm``'s parameters as ``model`` (default: ``gm``) does; a graph of a submodule (a
+    backbone) then speaks the whole model's names."""
     source = model if model is not None else gm
     canonical: dict[str, str] = {}
     first_name: dict[int, str] = {}
     for fqn, p in source.named_parameters(remove_duplicate=False):
         canonical[fqn] = first_name.setdefault(id(p), fqn)
-    for fqn, p in gm.named_parameters(remove_duplicate=False):
+    in_graph = dict(gm.named_parameters(remove_duplicate=False))
+    for fqn, p in in_graph.items():
         canonical.setdefault(fqn, first_name.setdefault(id(p), fqn))
-    # Keyed by the model's own names: a graph of a submodule (a backbone) speaks the whole model's.
     params: dict[str, torch.nn.Parameter] = {}
-    for fqn, p in gm.named_parameters(remove_duplicate=False):
+    for fqn, p in in_graph.items():
         params.setdefault(canonical[fqn], p)
-    all_params = dict(gm.named_parameters(remove_duplicate=False))
-    node_kind: dict[str, str] = {}
-    node_inputs: dict[str, tuple[str, ...]] = {}
-    float_out: dict[str, bool] = {}
-    order: list[str] = []
-    param_node: dict[str, str] = {}
-    storage_key: dict[str, object] = {}
-    nodes = {n.name: n for n in gm.graph.nodes}
+    return ParameterNames(canonical, params, in_graph)
 
+
+def _node_kind(n: fx.Node, names: ParameterNames) -> str:
+    if n.op == "get_attr":
+        return "param" if n.target in names.in_graph else "const"
+    if n.op == "placeholder":
+        return "input"
+    if n.op == "call_function":
+        return "op" if is_differentiable(n) else "nograd"
+    return "other"
+
+
+def classify_nodes(gm: fx.GraphModule, names: ParameterNames, layers: set[str]) -> dict[str, NodeInfo]:
+    """One record per node of ``gm``, in graph order.  A call is attributed to the last layer
+    parameter any call so far has read."""
+    nodes: dict[str, NodeInfo] = {}
+    last_layer: str | None = None
     for n in gm.graph.nodes:
-        order.append(n.name)
-        node_inputs[n.name] = tuple(a.name for a in n.all_input_nodes)
+        info = NodeInfo(n.name, _node_kind(n, names), tuple(a.name for a in n.all_input_nodes), has_float_value(n))
+        if info.kind == "param":
+            info.param = names.canonical[n.target]
+        nodes[n.name] = info
+        if n.op == "call_function":
+            for a in n.all_input_nodes:
+                fqn = _param_behind(a, nodes)
+                if fqn in layers:
+                    last_layer = fqn
+            info.layer = last_layer
+    return nodes
+
+
+def _param_behind(node, nodes: dict[str, NodeInfo], through_casts: bool = False) -> str | None:
+    """The parameter ``node`` is, looking through views (``weight.t()`` is still the parameter's
+    storage) and, with ``through_casts``, dtype casts (autocast's low-precision copy gets its gradient
+    to the parameter: ownership)."""
+    while isinstance(node, fx.Node):
+        info = nodes.get(node.name)
+        if info is not None and info.param is not None:
+            return info.param
+        if node.op == "call_function" and op_key(node.target) in VIEW_OPS:
+            node = node.args[0]
+            continue
+        if through_casts and cast_source(node) is not None:
+            node = node.args[0]
+            continue
+        return None
+    return None
+
+
+def _storage_keys(gm: fx.GraphModule) -> tuple[dict[str, object], dict[object, str]]:
+    """The storage each tensor node's result is on (a node that hands back its input at run time: its
+    input's), and the first node to produce each storage (the base of its views)."""
+    keys: dict[str, object] = {}
+    for n in gm.graph.nodes:
         val = n.meta.get("val")
-        float_out[n.name] = _floating(n)
         if isinstance(val, torch.Tensor):
             source = returns_input(n)
-            storage_key[n.name] = (storage_key[source.name] if source is not None and source.name in storage_key
-                                   else storage_ref(n, val))
-        if n.op == "get_attr":
-            if n.target in all_params:
-                node_kind[n.name] = f"param:{canonical[n.target]}"
-                param_node[n.name] = canonical[n.target]
-            else:
-                node_kind[n.name] = "const"
-        elif n.op == "placeholder":
-            node_kind[n.name] = "input"
-        elif n.op == "call_function":
-            node_kind[n.name] = "op" if _differentiable(n) else "nograd"
-        else:
-            node_kind[n.name] = "other"
+            keys[n.name] = keys[source.name] if source is not None and source.name in keys else storage_ref(n, val)
+    roots: dict[object, str] = {}
+    for name, key in keys.items():
+        roots.setdefault(key, name)
+    return keys, roots
 
-    root_of: dict = {}  # storage -> the first node that produced it (base of its views)
-    for name in order:
-        if name in storage_key:
-            root_of.setdefault(storage_key[name], name)
 
-    def param_of(node: fx.Node, through_casts: bool = False) -> str | None:
-        # Look through views (weight.t() is still the parameter's storage) and, for ownership,
-        # through dtype casts (autocast's low-precision copy gets its gradient to the parameter).
-        while isinstance(node, fx.Node):
-            if node.name in param_node:
-                return param_node[node.name]
-            if node.op == "call_function" and op_key(node.target) in _VIEW_OPS - {"aten.dropout"}:
-                node = node.args[0]
-                continue
-            if through_casts and cast_source(node) is not None:
-                node = node.args[0]
-                continue
-            return None
-        return None
+@dataclass
+class _Fused:
+    """The nodes priced as one fused op: the patterns' fusions and GPT-2's tanh GELU spelled out in
+    ops (the quantize pass makes it one GELU that keeps its quantized input)."""
 
-    def weight_of(node: fx.Node) -> str | None:
-        return param_of(node, through_casts=True)
+    fusions: dict[str, Fusion]  # output node -> its fusion
+    args: dict[str, tuple]  # output node -> the fused op's arguments
+    inner: set[str]  # absorbed nodes: they keep nothing
 
-    reachable = grad_reachable(gm)
-    ctx = OpContext(config=config, is_param=lambda n: weight_of(n) is not None,
-                    may_require_grad=lambda n: isinstance(n, fx.Node) and n.name in reachable)
-    ids = _StorageIds()
-    storages: list[SavedStorage] = []
-    uses: list[SavedUse] = []
-    unknown: dict[str, int] = {}
-    ln_weight: dict[str, str | None] = {}
-    layers = layer_parameters(params.items())
-    layer_set = set(layers)
-    layer_op: dict[str, str] = {}
-    last_layer: str | None = None
-    graph = nx.DiGraph()
+    def arg_of(self, n: fx.Node, index: int):
+        """Argument ``index`` of ``n`` as the op that prices it takes it (fused or not)."""
+        return self.args[n.name][index] if n.name in self.args else arg(n, index)
 
-    def storage_for(key, producer: fx.Node, nbytes: int, dtype, shape) -> int:
-        idx = ids.get(key)
-        if idx is None:
-            idx = ids.add(key)
-            storages.append(SavedStorage(idx, producer.name, int(nbytes), str(dtype).replace("torch.", ""),
-                                         tuple(_hint(s) for s in shape)))
-            graph.add_node(f"tensor:{idx}", kind="tensor", producer=producer.name, nbytes=int(nbytes))
-            graph.add_edge(f"op:{producer.name}", f"tensor:{idx}")
-        return idx
 
-    # A GELU spelled out in ops (GPT-2) is priced as the one GELU the quantize pass
-    # makes of it: its output keeps the quantized input, the inner ops keep nothing.
-    fused: dict[str, tuple] = {}
+def _find_fused(gm: fx.GraphModule, config: SlimFitConfig | None) -> _Fused:
+    """The fusions ``extend.find_fusions`` finds (the ones ``fuse_patterns`` emits) and the tanh GELUs
+    the quantize pass fuses (``op_table.match_tanh_gelu``)."""
+    args: dict[str, tuple] = {}
     inner: set[str] = set()
     if config is not None and config.gelu_input_format is not None:
         for n in gm.graph.nodes:
             match = match_tanh_gelu(n) if n.op == "call_function" else None
             if match is not None and format_for(config.gelu_input_format, match[0]) is not None:
                 x, pattern, _ = match
-                fused[n.name] = (x,)
+                args[n.name] = (x,)
                 inner.update(p.name for p in pattern[:-1])
-
-    from .extend import find_fusions  # late: the registered patterns import this module
-
     fusions = find_fusions(gm, config)
     for name, fusion in fusions.items():
-        fused[name] = fusion.args
+        args[name] = fusion.args
         inner.update(p.name for p in fusion.inner)
-    ctx.fused_op = lambda node: fusions[node.name].op if node.name in fusions else None
+    return _Fused(fusions, args, inner)
 
-    def arg_of(n, j):
-        return fused[n.name][j] if n.name in fused else _arg(n, j)
 
-    for n in gm.graph.nodes:
-        if n.op != "call_function":
-            continue
-        graph.add_node(f"op:{n.name}", kind="op", target=op_key(n.target))
-        for a in n.all_input_nodes:
-            fqn = param_of(a)
-            if fqn is not None:
-                graph.add_edge(f"layer:{fqn}", f"op:{n.name}")
-                if fqn in layer_set:
-                    last_layer = fqn
-        if last_layer is not None:
-            layer_op[n.name] = last_layer
-        if node_kind[n.name] != "op" or n.name in inner:
-            continue
-        if n.meta.get("slimfit_recomputed"):
-            continue  # a recomputed block (slimfit_fx.blocks): its checkpoint keeps its inputs instead
-        key = op_key(n.target)
-        rule = OP_TABLE.get(key)
-        if n.name in fusions:
-            key, rule = f"slimfit.{fusions[n.name].pattern}", (lambda node, c, f=fusions[n.name]: f.saves(c))
-        elif n.name in fused:
-            key, rule = "aten.gelu", _fused_gelu_rule(fused[n.name][0])
+def _fused_gelu_rule(x: fx.Node) -> Rule:
+    """The saves of a matched tanh-GELU chain once fused: its input, in the GELU format."""
+
+    def rule(node, ctx):
+        return [Save("arg", 0, (0,), "gelu_input", fmt="gelu_q",
+                     copy_bytes=ctx.config.gelu_input_format.nbytes(numel(x)))]
+
+    return rule
+
+
+def _unknown_rule(node, ctx):
+    """An op missing from the table: assume it keeps every tensor argument in full, whenever recorded."""
+    return [Save("arg", i, (), "unknown") for i, a in enumerate(node.args) if isinstance(a, fx.Node)]
+
+
+def _rule_of(n: fx.Node, fused: _Fused, float_out: bool, unknown: dict[str, int]) -> tuple[str, Rule | None]:
+    """``(op key, rule)`` pricing ``n``: a fusion's saves, the fused GELU's, the table's, or, for an op
+    missing from the table, ``_unknown_rule`` (counted in ``unknown``).  No rule: nothing to price."""
+    key = op_key(n.target)
+    rule = OP_TABLE.get(key)
+    if n.name in fused.fusions:
+        fusion = fused.fusions[n.name]
+        key, rule = f"slimfit.{fusion.pattern}", (lambda node, c: fusion.saves(c))
+    elif n.name in fused.args:
+        key, rule = "aten.gelu", _fused_gelu_rule(fused.args[n.name][0])
+    if rule is None:
+        if not float_out:
+            return key, None  # integer/bool results never require grad: nothing to save
+        unknown[key] = unknown.get(key, 0) + 1
+        rule = _unknown_rule
+    return key, rule
+
+
+class _Inventory:
+    """The rule stage: turns each priced node's ``Save``s into ``SavedStorage``s and ``SavedUse``s and
+    the networkx graph of layers, ops and tensors."""
+
+    def __init__(self, gm: fx.GraphModule, nodes: dict[str, NodeInfo], names: ParameterNames,
+                 fused: _Fused, ctx: OpContext):
+        self.nodes, self.names, self.fused, self.ctx = nodes, names, fused, ctx
+        self.fx_nodes = {n.name: n for n in gm.graph.nodes}
+        self.storage_key, self.root_of = _storage_keys(gm)
+        self.ids: dict = {}
+        self.storages: list[SavedStorage] = []
+        self.uses: list[SavedUse] = []
+        self.unknown: dict[str, int] = {}
+        self.graph = nx.DiGraph()
+
+    def add_graph(self, gm: fx.GraphModule) -> None:
+        """Price every call node of ``gm``, in graph order."""
+        for n in gm.graph.nodes:
+            if n.op != "call_function":
+                continue
+            self.graph.add_node(f"op:{n.name}", kind="op", target=op_key(n.target))
+            for a in n.all_input_nodes:
+                fqn = _param_behind(a, self.nodes)
+                if fqn is not None:
+                    self.graph.add_edge(f"layer:{fqn}", f"op:{n.name}")
+            if self.keeps_own(n):
+                self.add_node(n)
+
+    def keeps_own(self, n: fx.Node) -> bool:
+        """Whether ``n`` is priced: a call autograd may record, not absorbed by a fusion, and not in a
+        recomputed block (``slimfit_fx.blocks``: its checkpoint keeps the block's inputs instead)."""
+        return (self.nodes[n.name].kind == "op" and n.name not in self.fused.inner
+                and not n.meta.get("slimfit_recomputed"))
+
+    def add_node(self, n: fx.Node) -> None:
+        """Apply the rule that prices ``n``."""
+        info = self.nodes[n.name]
+        key, rule = _rule_of(n, self.fused, info.float_out, self.unknown)
         if rule is None:
-            if not float_out[n.name]:
-                continue  # integer/bool results never require grad: nothing to save
-            unknown[key] = unknown.get(key, 0) + 1
-            rule = _unknown_rule
-        if key in ("aten.layer_norm", "aten.native_layer_norm"):
-            ln_weight[n.name] = weight_of(_arg(n, 2, "weight")) if _arg(n, 2, "weight") is not None else None
-        for i, save in enumerate(rule(n, ctx)):
-            if save.source == "arg":
-                src = arg_of(n, save.index)
-                if save.sub is not None:
-                    src = src[save.sub]
-                if not isinstance(src, fx.Node) or _val(src) is None or param_of(src) is not None:
-                    continue  # parameters are not activations
-                if save.copy_bytes is not None:
-                    sid = storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
-                                      _val(src).dtype, _val(src).shape)
-                else:
-                    sv = _val(src)
-                    sid = storage_for(storage_key[src.name], nodes[root_of[storage_key[src.name]]],
-                                      _hint(sv.untyped_storage().nbytes()), sv.dtype, sv.shape)
-            elif save.source == "out":
-                v = n.meta["val"]
-                v = v[save.index] if isinstance(v, (tuple, list)) else v
-                sid = storage_for(storage_ref(n, v), n, _hint(v.untyped_storage().nbytes()),
-                                  v.dtype, v.shape)
-            else:
-                if save.copy_bytes == 0:
-                    continue  # regenerated from RNG state: nothing kept
-                sid = storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
-                                  _val(n).dtype if _val(n) is not None else "?", ())
-            when_nodes = tuple(arg_of(n, j).name for j in save.when if isinstance(arg_of(n, j), fx.Node))
-            if save.when and not when_nodes:
-                continue  # the condition names only constants: never requires grad
-            serves = save.when if save.serves is None else save.serves
-            serve_nodes = [arg_of(n, j) for j in serves if isinstance(arg_of(n, j), fx.Node)]
-            owners = tuple(canonical.get(weight_of(s_), weight_of(s_)) for s_ in serve_nodes)
-            owners = owners if owners and all(o is not None for o in owners) else ()
-            variant = None
-            if save.variant is not None and isinstance(arg_of(n, save.variant[0]), fx.Node):
-                variant = (arg_of(n, save.variant[0]).name, save.variant[1])
-            use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt, variant)
-            storages[sid].uses.append(len(uses))
-            uses.append(use)
-            graph.add_edge(f"tensor:{sid}", f"op:{n.name}", role=save.role, dynamic=bool(owners))
-            for o in owners:
-                graph.add_edge(f"layer:{o}", f"tensor:{sid}", requires="trainable")
+            return
+        if key in ("aten.layer_norm", "aten.native_layer_norm") and arg(n, 2, "weight") is not None:
+            info.norm_weight = self.weight_of(arg(n, 2, "weight"))
+        for i, save in enumerate(rule(n, self.ctx)):
+            sid = self.storage_of(n, i, save)
+            if sid is not None:
+                self.add_use(n, key, save, sid)
 
+    def weight_of(self, node) -> str | None:
+        """The parameter ``node`` is, through views and dtype casts."""
+        return _param_behind(node, self.nodes, through_casts=True)
+
+    def storage_for(self, key, producer: fx.Node, nbytes: int, dtype, shape) -> int:
+        """Index of the saved storage ``key``, recorded on first sight."""
+        idx = self.ids.get(key)
+        if idx is None:
+            idx = self.ids.setdefault(key, len(self.ids))
+            self.storages.append(SavedStorage(idx, producer.name, int(nbytes), str(dtype).replace("torch.", ""),
+                                              tuple(hint(s) for s in shape)))
+            self.graph.add_node(f"tensor:{idx}", kind="tensor", producer=producer.name, nbytes=int(nbytes))
+            self.graph.add_edge(f"op:{producer.name}", f"tensor:{idx}")
+        return idx
+
+    def storage_of(self, n: fx.Node, i: int, save: Save) -> int | None:
+        """The storage save ``i`` of ``n`` keeps; None where it keeps nothing."""
+        if save.source == "arg":
+            return self._argument_storage(n, i, save)
+        if save.source == "out":
+            v = n.meta["val"]
+            v = v[save.index] if isinstance(v, (tuple, list)) else v
+            return self.storage_for(storage_ref(n, v), n, hint(v.untyped_storage().nbytes()), v.dtype, v.shape)
+        if save.copy_bytes == 0:
+            return None  # regenerated from RNG state: nothing kept
+        return self.storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
+                                value(n).dtype if value(n) is not None else "?", ())
+
+    def _argument_storage(self, n: fx.Node, i: int, save: Save) -> int | None:
+        src = self.fused.arg_of(n, save.index)
+        if save.sub is not None:
+            src = src[save.sub]
+        if not isinstance(src, fx.Node) or value(src) is None or _param_behind(src, self.nodes) is not None:
+            return None  # parameters are not activations
+        if save.copy_bytes is not None:
+            return self.storage_for((n.name, save.share or f"#{i}", save.fmt), n, save.copy_bytes,
+                                    value(src).dtype, value(src).shape)
+        key = self.storage_key[src.name]
+        sv = value(src)
+        return self.storage_for(key, self.fx_nodes[self.root_of[key]], hint(sv.untyped_storage().nbytes()),
+                                sv.dtype, sv.shape)
+
+    def add_use(self, n: fx.Node, key: str, save: Save, sid: int) -> None:
+        """Record that ``n`` keeps storage ``sid`` under the save's condition."""
+        def at(j):
+            return self.fused.arg_of(n, j)
+
+        when_nodes = tuple(at(j).name for j in save.when if isinstance(at(j), fx.Node))
+        if save.when and not when_nodes:
+            return  # the condition names only constants: never requires grad
+        serves = save.when if save.serves is None else save.serves
+        owners = tuple(self.owner_of(at(j)) for j in serves if isinstance(at(j), fx.Node))
+        owners = owners if owners and all(o is not None for o in owners) else ()
+        variant = None
+        if save.variant is not None and isinstance(at(save.variant[0]), fx.Node):
+            variant = (at(save.variant[0]).name, save.variant[1])
+        use = SavedUse(n.name, key, save.role, sid, when_nodes, owners, save.fmt, variant)
+        self.storages[sid].uses.append(len(self.uses))
+        self.uses.append(use)
+        self.graph.add_edge(f"tensor:{sid}", f"op:{n.name}", role=save.role, dynamic=bool(owners))
+        for o in owners:
+            self.graph.add_edge(f"layer:{o}", f"tensor:{sid}", requires="trainable")
+
+    def owner_of(self, node: fx.Node) -> str | None:
+        """The parameter whose gradient needs a save conditioned on ``node``, by its first name."""
+        weight = self.weight_of(node)
+        return self.names.canonical.get(weight, weight)
+
+
+def analyze_graph(gm: fx.GraphModule, config: SlimFitConfig | None = None,
+                  model: torch.nn.Module | None = None) -> GraphAnalysis:
+    """Build the saved-tensor inventory of ``gm`` (from ``trace``) under ``config`` formats, its
+    parameters named as ``model`` names them (``parameter_names``)."""
+    names = parameter_names(gm, model)
+    layers = layer_parameters(names.params.items())
+    nodes = classify_nodes(gm, names, set(layers))
+    reachable = grad_reachable(gm)
+    ctx = OpContext(config=config, is_param=lambda n: _param_behind(n, nodes, through_casts=True) is not None,
+                    may_require_grad=lambda n: isinstance(n, fx.Node) and n.name in reachable)
+    fused = _find_fused(gm, config)
+    ctx.fused_op = lambda node: fused.fusions[node.name].op if node.name in fused.fusions else None
+    inventory = _Inventory(gm, nodes, names, fused, ctx)
+    inventory.add_graph(gm)
     param_info = {fqn: (p.numel() * p.element_size(), str(StorageWeakRef(p.untyped_storage()).cdata))
-                  for fqn, p in params.items()}
+                  for fqn, p in names.params.items()}
     return GraphAnalysis(
-        parameters=param_info, layers=layers, storages=storages, uses=uses, unknown_ops=unknown,
-        node_inputs=node_inputs, node_kind=node_kind, float_out=float_out, order=order, layer_op=layer_op,
-        ln_weight=ln_weight, graph=graph, config=config, aliases={k: v for k, v in canonical.items() if k != v},
-        transients={k: (f.forward_bytes, f.backward_bytes) for k, f in fusions.items()
+        parameters=param_info, layers=layers, storages=inventory.storages, uses=inventory.uses,
+        unknown_ops=inventory.unknown, nodes=nodes, graph=inventory.graph, config=config, aliases=names.aliases,
+        transients={k: (f.forward_bytes, f.backward_bytes) for k, f in fused.fusions.items()
                     if f.forward_bytes is not None or f.backward_bytes is not None},
-        device=next((v.device.type for n in gm.graph.nodes if (v := _val(n)) is not None), "cpu"),
+        device=next((v.device.type for n in gm.graph.nodes if (v := value(n)) is not None), "cpu"),
     )

@@ -1,22 +1,14 @@
 """The ``"slimfit"`` backend of ``torch.compile``.
 
     import slimfit_fx.backend          # registers the name (so does the installed entry point)
-    compiled = torch.compile(model, backend="slimfit")
-    compiled = torch.compile(model, backend="slimfit",
-                             options={"config": slimfit_fx.SlimFitConfig.paper(),
-                                      "guard_filter_fn": slimfit_fx.backend.guard_filter})
+    compiled = torch.compile(model, backend="slimfit", options={"guard_filter_fn": slimfit_fx.backend.guard_filter})
 
-The graph dynamo captures is lowered to ATen training IR, analysed and rewritten
-by the same passes as ``slimfit_fx.compile``, and run eagerly; see
-``slimfit_fx.integrations.dynamo`` for the design.  With a frozen set that
-changes every step (``slimfit_fx.Scheduler``) pass ``guard_filter`` as above,
-or use ``slimfit_fx.compile(model, mode="compiled")``, which does: without it
-dynamo recompiles for every new frozen set (it guards on ``requires_grad``).
-
-Discovery: the package declares the ``torch_dynamo_backends`` entry point
-``slimfit = "slimfit_fx.backend:slimfit_backend"``, which torch reads on the
-first lookup of an unknown backend name; importing this module registers the
-name as well, for a checkout that is not (re)installed.
+Takes dynamo's graphs and, in ``options``, a ``"config"`` (a ``SlimFitConfig``).  Gives
+``slimfit_backend``, registered as ``BACKEND_NAME`` when imported (the package's
+``torch_dynamo_backends`` entry point finds it without the import), and re-exports the names of
+``slimfit_fx.integrations.dynamo``, which holds the design.  Without ``guard_filter`` dynamo recompiles
+for every new frozen set; ``slimfit_fx.compile(model, mode="compiled")`` passes it.
+Never registers the name twice.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from .config import SlimFitConfig
 from .extend import Save, pipeline, register_rule
 from .precision import autocast_disabled
 from .quant import Quantized, accepts, dequantize, quantize
-from .trace import Inputs, _hf_eager_mask_decisions, _no_kv_cache, call_by_name, inputs_of, trace
+from .trace import Inputs, call_by_name, hf_eager_mask_decisions, inputs_of, instance_forwards, no_kv_cache, trace
 
 __all__ = ["Captured", "Stack", "Unsupported", "CompactCheckpoint", "find_stacks", "kind_of", "capture"]
 
@@ -166,22 +166,26 @@ class _Call:
 
     @classmethod
     def of(cls, args: tuple, kwargs: dict) -> "_Call":
+        """How ``args`` and ``kwargs`` call a block."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensor_at = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
         constants = [None if isinstance(v, torch.Tensor) else v for v in leaves]
         return cls(spec, constants, tensor_at)
 
     def tensors(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+        """The tensors of a call made like this one, in order."""
         leaves = pytree.tree_leaves((args, kwargs))
         return [leaves[i] for i in self.tensor_at]
 
     def rebuild(self, tensors) -> tuple[tuple, dict]:
+        """The call's ``(args, kwargs)`` with ``tensors`` in the tensors' places."""
         leaves = list(self.constants)
         for i, t in zip(self.tensor_at, tensors):
             leaves[i] = t
         return pytree.tree_unflatten(leaves, self.spec)
 
     def same_as(self, other: "_Call") -> bool:
+        """Whether ``other`` calls a block the same way, up to the tensors."""
         return (self.spec == other.spec and self.tensor_at == other.tensor_at
                 and all(a == b for a, b in zip(self.constants, other.constants)))
 
@@ -239,7 +243,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict, config: SlimFitConfig, 
     (``price(inlined graph) -> bytes`` prices a choice)."""
     blocks = _Model(model)
     inputs = Inputs(tuple(args), dict(kwargs))
-    with _no_kv_cache(model, inputs), _hf_eager_mask_decisions():
+    with no_kv_cache(model, inputs), hf_eager_mask_decisions():
         kinds = [_probe_kind(blocks, members, args, kwargs) for members in blocks.groups]
         around = _capture_around(blocks, kinds, inputs, dynamic)
         reachable = grad_reachable(around)
@@ -387,28 +391,12 @@ def _capture_around(blocks: _Model, kinds: list[_Kind], inputs: Inputs, dynamic:
 
         return forward
 
-    with _forwards({i: stand_in(i) for i in range(len(blocks.blocks))}, blocks.blocks):
+    with instance_forwards([(block, stand_in(i)) for i, block in enumerate(blocks.blocks)]):
         around = trace(blocks.model, inputs, dynamic=dynamic)
     missing = [n for i, n in enumerate(blocks.names) if i not in seen]
     if problems or missing:
         raise Unsupported(problems[0] if problems else f"does not call its block {missing[0]} in this forward")
     return around
-
-
-@contextmanager
-def _forwards(forwards: dict, modules: list[nn.Module]):
-    """Give ``modules[i]`` the instance forward ``forwards[i]`` for the length of the block."""
-    previous = {i: modules[i].__dict__.get("forward") for i in forwards}
-    for i, f in forwards.items():
-        object.__setattr__(modules[i], "forward", f)
-    try:
-        yield
-    finally:
-        for i, f in previous.items():
-            if f is None:
-                del modules[i].__dict__["forward"]
-            else:
-                object.__setattr__(modules[i], "forward", f)
 
 
 def _is_stand_in(node: fx.Node) -> bool:
@@ -553,6 +541,7 @@ class CompactCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, hidden: int, fmt, *tensors):
+        """``run(*tensors)`` without grad; keeps ``tensors[hidden]`` in ``fmt`` and the others as they are."""
         ctx.run, ctx.hidden = run, hidden
         ctx.devices = _cuda_devices(tensors)
         ctx.rng = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in ctx.devices]
@@ -565,6 +554,7 @@ class CompactCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """The block run again with grad from the kept inputs, under the forward's random state."""
         saved = ctx.saved_tensors
         others = list(saved[ctx.count:])
         inputs = others[:ctx.hidden] + [dequantize(Quantized.from_tensors(saved[:ctx.count], ctx.qmeta))] \
@@ -583,7 +573,7 @@ class CompactCheckpoint(torch.autograd.Function):
 def _slots(graph: fx.GraphModule, block: nn.Module) -> list[tuple[dict, str, dict, str]]:
     """Where each parameter and buffer of ``graph`` lives and where ``block`` keeps its own:
     (graph owner's dict, name, block owner's dict, name), so pointing the graph at a block is a
-    few dict assignments per call (what ``_share_with_model`` does, without walking the modules)."""
+    few dict assignments per call (what ``trace.share_model_tensors`` does, without walking the modules)."""
     slots = []
     for kind in ("_parameters", "_buffers"):
         listing = graph.named_parameters if kind == "_parameters" else graph.named_buffers
@@ -616,7 +606,7 @@ def _runner(blocks: _Model, kind: _Kind, index: int, recompute: bool, fmt=None):
 
     def call(*tensors):
         args, kwargs = kind.call.rebuild(tensors)
-        with _forwards({0: forward}, [block]):
+        with instance_forwards([(block, forward)]):
             out = block(*args, **kwargs)
         return pytree.tree_leaves(out)[kind.hidden_out]
 

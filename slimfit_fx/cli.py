@@ -1,32 +1,15 @@
 """The ``slimfit-fx`` command: how much memory fine-tuning a model takes, and what SlimFit saves.
 
-``slimfit-fx report`` builds a model offline (``slimfit_fx.models``), captures
-it once and prints three columns for one training step:
-
-1. **PyTorch**: the plain model, every parameter trained;
-2. **PyTorch + freezing**: the same model with a fraction of its layers set to
-   ``requires_grad=False``, the saving eager PyTorch gives for free;
-3. **SlimFit**: the same frozen layers through ``slimfit_fx.compile`` with
-   ``SlimFitConfig()`` (the default saved formats).
-
-With ``--measure`` each column is also run (a warm-up step, then a measured
-step) and measured with ``slimfit_fx.measure``.  ``slimfit-fx demo`` is
-``report --model bert-base --batch 32 --seq 128 --measure``.
-
-``slimfit-fx report --meta`` estimates instead, from the model's config alone, the
-memory per GPU of models too large to build here (``slimfit_fx.estimate``): plain
-PyTorch, PyTorch with checkpointing, slimfit_fx and slimfit_fx with checkpointing,
-in the setting ``--precision``, ``--device`` and ``--world-size`` (FSDP2) name;
-``--plot FILE`` draws it (matplotlib, ``pip install slimfit-fx[plot]``).
-
-Exit codes: 0 done, 1 the library failed (e.g. the model cannot be captured),
-2 bad command line (unknown model, impossible sizes).
+Takes a command line: ``report`` (a model built offline and captured once; PyTorch, PyTorch + freezing
+and SlimFit columns, predicted, and with ``--measure`` run and measured too), ``report --meta`` (an
+estimate per GPU from the config alone: ``slimfit_fx.estimate``) or ``demo`` (``report --model
+bert-base --batch 32 --seq 128 --measure``).  Gives the report on stdout, progress on stderr, and an
+exit code: 0 done, 1 the library failed (e.g. the model cannot be captured), 2 a bad command line.
+Never downloads anything, nor prints anything but the report on stdout.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import random
 import sys
 import time
 from contextlib import contextmanager
@@ -40,12 +23,11 @@ from .compiler import compile, plan_for_graph
 from .config import ConfigError, SlimFitConfig
 from .estimate import DEVICES, PRECISIONS, EstimateError, estimate, plot
 from .memory import OPTIMIZERS, MemoryPlan, MemoryReport, PlanError, ReportColumn, fmt_bytes
-from .models import DEFAULT_SEQ, KNOWN_MODELS, ModelError, build
+from .models import DEFAULT_SEQ, FREEZE_SEED, KNOWN_MODELS, ModelError, build, frozen_layers
 from .trace import TraceError, trace
 
 __all__ = ["main", "make_report", "frozen_layers"]
 
-FREEZE_SEED = 0
 # Errors that mean "this model or setting cannot be analysed", not a bug: shown without a traceback.
 _LIBRARY_ERRORS = (TraceError, PlanError, ConfigError, MemoryError, OSError)
 
@@ -54,6 +36,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``slimfit-fx: error: ...``, exit code 2)."""
 
     def error(self, message: str):
+        """Exit with code 2 and one line naming the problem."""
         self.exit(2, f"slimfit-fx: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -215,16 +198,6 @@ def _build(parser: argparse.ArgumentParser, args) -> tuple[nn.Module, dict]:
         return build(args.model, args.batch, seq=args.seq, image_size=args.image_size)
     except ModelError as exc:
         parser.error(str(exc))
-
-
-def frozen_layers(layers: list[str], ratio: float) -> set[str]:
-    """floor(ratio x len(layers)) layers, a random subset drawn with ``FREEZE_SEED``.
-
-    SlimFit's scheduler freezes that many layers every iteration, chosen by
-    training dynamics; a seeded draw stands for one iteration.
-    """
-    k = math.floor(round(ratio * len(layers), 9))  # round: 0.29 * 100 is 28.999...
-    return set(random.Random(FREEZE_SEED).sample(layers, k))
 
 
 def make_report(name: str, model: nn.Module, inputs: dict, *, optimizer: str = "adamw",

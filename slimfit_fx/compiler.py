@@ -1,29 +1,45 @@
 """Orchestration: trace -> analyse -> passes -> SlimFitModule.
 
-``analyze`` is the read-only half: it captures the model and returns its
-MemoryPlan without changing anything the user owns.  ``compile`` returns a
-drop-in module that runs the rewritten graph in training mode.
+Takes a model, optional example inputs and a ``SlimFitConfig``.  Gives ``analyze`` (its MemoryPlan)
+and ``compile`` / ``compile_in_place`` (a drop-in ``SlimFitModule`` that trains through the rewritten
+graph and shares the model's own parameters, buffers and submodules).
+Never copies a parameter, changes the model's eval-mode forward, or imports an integration:
+``compile(mode="compiled")`` runs what ``slimfit_fx.integrations`` registers.
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
 from .analysis import analyze_graph
-from .blocks import Unsupported, capture as capture_blocks
-from .extend import pipeline
+from .blocks import Unsupported
+from .blocks import capture as capture_blocks
 from .config import SlimFitConfig
+from .extend import pipeline
 from .memory import MemoryPlan
 from .precision import autocast_disabled, autocast_state
-from .trace import (TraceError, _class_forward, _share_with_model, call_by_name, inputs_of, normalize_inputs,
-                    shape_signature, trace)
+from .trace import (
+    IN_PLACE_ATTRIBUTE,
+    Inputs,
+    TraceError,
+    call_by_name,
+    class_forward,
+    input_signature,
+    inputs_of,
+    instance_forwards,
+    normalize_inputs,
+    share_model_tensors,
+    trace,
+    training_mode,
+)
 
-__all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "SlimFitModule"]
+__all__ = ["analyze", "plan_for_graph", "compile", "compile_in_place", "uncompile", "in_place_module",
+           "register_compiled_mode", "SlimFitModule"]
 
 
 def plan_for_graph(gm, config: SlimFitConfig | None = None, model: nn.Module | None = None) -> MemoryPlan:
@@ -102,20 +118,6 @@ def _check_blocks_and_checkpoint(blocks, checkpoint) -> str | None:
     return "auto"
 
 
-def _structure(args: tuple, kwargs: dict) -> tuple:
-    """What a captured graph is specialised on: which arguments are tensors, of what rank
-    and dtype (batch and sequence lengths are symbolic), and the autocast state."""
-
-    def sig(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", v.dim(), v.dtype, v.device.type)
-        if isinstance(v, (int, float, bool, str, type(None))):
-            return ("const", v)
-        return ("other", type(v).__name__)
-
-    return (tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())), autocast_state())
-
-
 class SlimFitModule(nn.Module):
     """A drop-in for the user's model that trains through the rewritten graph.
 
@@ -127,11 +129,13 @@ class SlimFitModule(nn.Module):
     the SlimFitConfig is ``slimfit_config``.  ``plan`` is the MemoryPlan of the
     captured graph under the config (predicted before anything ran).  Pickling,
     ``torch.save`` and ``copy.deepcopy`` keep the model, config and plan and leave the
-    captured graphs out: the next training call captures them again.
+    captured graphs out: the next training call captures them again.  ``names_from``: the model whose
+    parameter names the plan speaks, when ``model`` is a part of it (a backbone).
     """
 
     def __init__(self, model: nn.Module, config: SlimFitConfig, example_inputs: Any = None,
-                 blocks: str | None = None, checkpoint: str | int | None = None):
+                 blocks: str | None = None, checkpoint: str | int | None = None, *,
+                 names_from: nn.Module | None = None):
         super().__init__()
         blocks = _check_blocks_and_checkpoint(blocks, checkpoint)
         object.__setattr__(self, "original", model)
@@ -142,6 +146,8 @@ class SlimFitModule(nn.Module):
         object.__setattr__(self, "plan", None)
         object.__setattr__(self, "plan_signature", None)  # shapes the plan was predicted for
         object.__setattr__(self, "_parameter_ids", None)  # identities the graphs were last pointed at
+        if names_from is not None:
+            object.__setattr__(self, "_names_from", names_from)
         # Share, don't copy: the user's dicts become this module's.
         self._modules = model._modules
         self._parameters = model._parameters
@@ -149,7 +155,7 @@ class SlimFitModule(nn.Module):
         self.training = model.training
         if example_inputs is not None:
             inputs = normalize_inputs(example_inputs)
-            self._capture(inputs.args, inputs.kwargs)
+            self.capture_call(inputs.args, inputs.kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -167,16 +173,20 @@ class SlimFitModule(nn.Module):
         state["_parameter_ids"] = None
         return state
 
-    def _capture(self, args: tuple, kwargs: dict, dynamic: bool = True) -> fx.GraphModule:
-        """A graph for calls like this one: with symbolic batch and sequence sizes (``dynamic``), or for
-        exactly these shapes (where the symbolic graph's guards exclude them)."""
+    def _plan_names(self) -> nn.Module:
+        """The model whose parameter names the plan speaks: the whole model, for a backbone."""
+        return self.__dict__.get("_names_from") or self.original
+
+    def capture_call(self, args: tuple, kwargs: dict, dynamic: bool = True) -> fx.GraphModule:
+        """Capture, price and rewrite a graph for calls like this one: with symbolic batch and sequence
+        sizes (``dynamic``), or for exactly these shapes (where the symbolic graph's guards exclude them)."""
         model = self.original
         if any(_sharding(self)):
             raise ShardedParametersError(
                 "a training call that needs a new graph after fully_shard: capturing needs the unsharded parameters. "
                 "Give slimfit_fx.compile(model, example_inputs, blocks='auto') an example of each input structure "
                 "(tensor ranks and dtypes, autocast state) you train with, before fully_shard")
-        names = self.__dict__.get("_names_from") or model
+        names = self._plan_names()
         captured = self._capture_blocks(args, kwargs, dynamic, assemble=True)
         if captured is not None:
             gm = captured.graph
@@ -193,12 +203,12 @@ class SlimFitModule(nn.Module):
             for _, rewrite in pipeline():
                 gm = rewrite(gm, self.slimfit_config)
         if dynamic:
-            self._graphs[_structure(args, kwargs)] = gm
+            self._graphs[input_signature(args, kwargs, by="structure")] = gm
         else:
-            self._graphs[("shapes", shape_signature(args, kwargs))] = gm
+            self._graphs[("shapes", input_signature(args, kwargs))] = gm
         if self.plan is None:
             object.__setattr__(self, "plan", plan)
-            object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
+            object.__setattr__(self, "plan_signature", input_signature(args, kwargs))
         return gm
 
     def _capture_blocks(self, args: tuple, kwargs: dict, dynamic: bool, assemble: bool):
@@ -207,25 +217,23 @@ class SlimFitModule(nn.Module):
         if self.blocks != "auto":
             return None
         model = self.original
-        was_training = model.training
-        model.train()
-        names = self.__dict__.get("_names_from") or model
+        names = self._plan_names()
 
         def price(inlined):
             return plan_for_graph(inlined, self.slimfit_config, names).predict().activations
 
-        try:
-            return capture_blocks(model, args, kwargs, self.slimfit_config, dynamic=dynamic, assemble=assemble,
-                                  checkpoint=self.checkpoint, price=price)
-        except Unsupported as exc:
-            off = f" (checkpoint={self.checkpoint!r} needs the blocks: nothing is recomputed)" if self.checkpoint else ""
-            warnings.warn(f"slimfit_fx: blocks='auto': {type(model).__name__} {exc}; capturing the whole model "
-                          f"instead{off}", RuntimeWarning, stacklevel=5)
-            return None
-        except TraceError:
-            return None  # the whole-model capture meets it too, and says what to do (or trains the backbone)
-        finally:
-            model.train(was_training)
+        with training_mode(model):
+            try:
+                return capture_blocks(model, args, kwargs, self.slimfit_config, dynamic=dynamic,
+                                      assemble=assemble, checkpoint=self.checkpoint, price=price)
+            except Unsupported as exc:
+                off = (f" (checkpoint={self.checkpoint!r} needs the blocks: nothing is recomputed)"
+                       if self.checkpoint else "")
+                warnings.warn(f"slimfit_fx: blocks='auto': {type(model).__name__} {exc}; capturing the whole "
+                              f"model instead{off}", RuntimeWarning, stacklevel=5)
+                return None
+            except TraceError:
+                return None  # the whole-model capture meets it too, and says what to do (or trains the backbone)
 
     def _capture_backbone(self, backbone: nn.Module, exc: TraceError, args: tuple, kwargs: dict) -> "_Backbone":
         """The model's own Python branches on tensor values outside its backbone (DeBERTa-v2's loss):
@@ -237,16 +245,16 @@ class SlimFitModule(nn.Module):
         warnings.warn(f"slimfit_fx: {type(self.original).__name__} branches on tensor values outside its backbone "
                       f"({where}); the backbone `{prefix}` trains through SlimFit and the rest of the model runs "
                       "eagerly around it (not rewritten; plan covers the backbone)", RuntimeWarning, stacklevel=4)
-        inner = SlimFitModule(backbone, self.slimfit_config, blocks=self.blocks, checkpoint=self.checkpoint)
-        object.__setattr__(inner, "_names_from", self.original)  # the plan speaks the whole model's names
+        inner = SlimFitModule(backbone, self.slimfit_config, blocks=self.blocks, checkpoint=self.checkpoint,
+                              names_from=self.original)
         inner_args = inputs_of(backbone, self.original, args, kwargs)
         if inner_args is not None:
-            inner._capture(*inner_args)
+            inner.capture_call(*inner_args)
         marker = _Backbone(backbone, inner, autocast_state())
-        self._graphs[_structure(args, kwargs)] = marker
+        self._graphs[input_signature(args, kwargs, by="structure")] = marker
         if self.plan is None and inner.plan is not None:
             object.__setattr__(self, "plan", inner.plan)
-            object.__setattr__(self, "plan_signature", shape_signature(args, kwargs))
+            object.__setattr__(self, "plan_signature", input_signature(args, kwargs))
         return marker
 
     def plan_for_call(self, args: tuple, kwargs: dict) -> MemoryPlan:
@@ -258,7 +266,7 @@ class SlimFitModule(nn.Module):
             if call is None:
                 raise TraceError(f"{type(self.original).__name__} did not call its backbone with these inputs")
             return self.backbone.plan_for_call(*call)
-        names = self.__dict__.get("_names_from") or self.original
+        names = self._plan_names()
         captured = self._capture_blocks(args, kwargs, dynamic=False, assemble=False)
         gm = captured.inlined if captured is not None else _trace_training(self.original, args, kwargs, dynamic=False)
         return plan_for_graph(gm, self.slimfit_config, names)
@@ -292,18 +300,19 @@ class SlimFitModule(nn.Module):
         return gm.inner.graph_module if isinstance(gm, _Backbone) else gm
 
     def forward(self, *args, **kwargs):
+        """Training: the rewritten graph for these inputs (captured on first sight); else the original."""
         if not self.training:
             return self.original(*args, **kwargs)
         # Seen from inside: accelerate (the Trainer's bf16/fp16) enters autocast within the forward it
         # wraps, after the Scheduler's forward pre-hook; the Scheduler prices a Budget in this precision.
         object.__setattr__(self, "last_autocast", autocast_state())
         self._check_parameters()
-        exact = self._graphs.get(("shapes", shape_signature(args, kwargs))) if len(self._graphs) > 1 else None
-        gm = exact or self._graphs.get(_structure(args, kwargs)) or self._capture(args, kwargs)
+        exact = self._graphs.get(("shapes", input_signature(args, kwargs))) if len(self._graphs) > 1 else None
+        gm = exact or self._graphs.get(input_signature(args, kwargs, by="structure")) or self.capture_call(args, kwargs)
         if isinstance(gm, _Backbone):
             # The model's own forward (the class's, not one compile_in_place installed, which would
             # call back here), its backbone through the SlimFit graph.
-            with gm.routed(), _class_forward(self.original):
+            with gm.routed(), class_forward(self.original):
                 out = self.original(*args, **kwargs)
             if self.plan is None and gm.inner.plan is not None:
                 object.__setattr__(self, "plan", gm.inner.plan)
@@ -316,7 +325,7 @@ class SlimFitModule(nn.Module):
             # sequence shorter than a relative-position table needs: a graph for exactly them.
             if exact is not None or not str(exc).startswith("Guard failed"):
                 raise
-        gm = self._capture(args, kwargs, dynamic=False)
+        gm = self.capture_call(args, kwargs, dynamic=False)
         with autocast_disabled(gm.meta.get("autocast")):
             return gm(*args, **kwargs)
 
@@ -331,13 +340,14 @@ class SlimFitModule(nn.Module):
         _refuse_sharded(self)
         for gm in self._graphs.values():
             if isinstance(gm, fx.GraphModule):
-                _share_with_model(gm, self.original)
+                share_model_tensors(gm, self.original)
         object.__setattr__(self, "_parameter_ids", current)
 
     def _parameters_in_order(self):
         return [p for _, p in self.original.named_parameters(remove_duplicate=False)]
 
     def train(self, mode: bool = True):
+        """Set the mode of this module and of the original model (eval runs the original forward)."""
         super().train(mode)
         self.original.train(mode)
         return self
@@ -348,10 +358,11 @@ class SlimFitModule(nn.Module):
         # at the new tensors.
         for gm in self._graphs.values():
             if isinstance(gm, fx.GraphModule):
-                _share_with_model(gm, self.original)
+                share_model_tensors(gm, self.original)
         return out
 
     def extra_repr(self) -> str:
+        """The original model's class and how many graphs are captured."""
         return f"SlimFit of {type(self.original).__name__}, {len(self._graphs)} captured graph(s)"
 
 
@@ -366,6 +377,7 @@ class _Backbone:
 
     @contextlib.contextmanager
     def routed(self):
+        """The backbone's calls go to its SlimFitModule for the length of the block."""
         backbone, inner = self.backbone, self.inner
 
         def forward(*args, **kwargs):
@@ -373,15 +385,8 @@ class _Backbone:
             return inner(*args, **kwargs)
 
         forward.__slimfit_router__ = True  # slimfit_fx.trace captures the class's forward, not this
-        previous = backbone.__dict__.get("forward")
-        object.__setattr__(backbone, "forward", forward)
-        try:
+        with instance_forwards([(backbone, forward)]):
             yield
-        finally:
-            if previous is None:
-                del backbone.__dict__["forward"]
-            else:
-                object.__setattr__(backbone, "forward", previous)
 
 
 def _backbone_for(model: nn.Module, exc: TraceError) -> nn.Module | None:
@@ -398,23 +403,39 @@ def _backbone_for(model: nn.Module, exc: TraceError) -> nn.Module | None:
 
 def _trace_training(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool) -> fx.GraphModule:
     """``trace`` in training mode, the model's own mode restored after."""
-    was_training = model.training
-    model.train()
-    try:
-        return trace(model, _as_inputs(args, kwargs), dynamic=dynamic)
-    finally:
-        model.train(was_training)
-
-
-def _as_inputs(args: tuple, kwargs: dict):
-    from .trace import Inputs
-
-    return Inputs(tuple(args), dict(kwargs))
+    with training_mode(model):
+        return trace(model, Inputs(tuple(args), dict(kwargs)), dynamic=dynamic)
 
 
 def _torch_version() -> tuple[int, int]:
     major, minor = torch.__version__.split("+")[0].split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+_COMPILED_MODE: dict[str, Callable[[nn.Module, SlimFitConfig, Any], SlimFitModule]] = {}
+
+
+def register_compiled_mode(build: Callable[[nn.Module, SlimFitConfig, Any], SlimFitModule]) -> None:
+    """Install ``build(model, config, example_inputs)``: what ``compile(mode="compiled")`` returns.
+    ``slimfit_fx.integrations`` registers its torch.compile module here; the core imports no integration."""
+    _COMPILED_MODE["build"] = build
+
+
+def _compiled_mode(model: nn.Module, config: SlimFitConfig, example_inputs: Any, blocks, checkpoint) -> SlimFitModule:
+    """``compile(mode="compiled")``: the checks, then the registered torch.compile module."""
+    if blocks is not None or checkpoint is not None:
+        raise ValueError("blocks='auto' and checkpoint capture with torch.export (mode='eager'); torch.compile "
+                         "(mode='compiled') captures its own graphs: drop one of the two")
+    if _torch_version() < (2, 9):
+        raise RuntimeError(
+            f"slimfit_fx.compile(mode='compiled') needs torch>=2.9 (torch.compile's guard_filter_fn option, "
+            f"which keeps a changing frozen set from recompiling); this is torch {torch.__version__}. Upgrade "
+            "torch, or use mode='eager' (the same rewrites and savings)")
+    build = _COMPILED_MODE.get("build")
+    if build is None:
+        raise RuntimeError("slimfit_fx.compile(mode='compiled') needs slimfit_fx.integrations, which registers it "
+                           "when imported (import slimfit_fx does)")
+    return build(model, config, example_inputs)
 
 
 def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig | None = None,
@@ -458,17 +479,7 @@ def compile(model: nn.Module, example_inputs: Any = None, config: SlimFitConfig 
     if not isinstance(config, SlimFitConfig):
         raise TypeError(f"config must be a SlimFitConfig, got {type(config).__name__}")
     if mode == "compiled":
-        if blocks is not None or checkpoint is not None:
-            raise ValueError("blocks='auto' and checkpoint capture with torch.export (mode='eager'); torch.compile "
-                             "(mode='compiled') captures its own graphs: drop one of the two")
-        if _torch_version() < (2, 9):
-            raise RuntimeError(
-                f"slimfit_fx.compile(mode='compiled') needs torch>=2.9 (torch.compile's guard_filter_fn option, "
-                f"which keeps a changing frozen set from recompiling); this is torch {torch.__version__}. Upgrade "
-                "torch, or use mode='eager' (the same rewrites and savings)")
-        from .integrations.dynamo import CompiledSlimFitModule  # late: imports torch._dynamo
-
-        return CompiledSlimFitModule(model, config, example_inputs)
+        return _compiled_mode(model, config, example_inputs, blocks, checkpoint)
     if mode != "eager":
         raise ValueError(f"mode must be 'eager' or 'compiled', got {mode!r}")
     return SlimFitModule(model, config, example_inputs, blocks=blocks, checkpoint=checkpoint)
@@ -488,7 +499,7 @@ class _InPlaceForward:
     def __call__(self, *args, **kwargs):
         model = self.model
         base = self.previous or type(model).forward.__get__(model)
-        slim = model.__dict__.get("_slimfit_module")  # None after uncompile, under a wrapper that kept this
+        slim = in_place_module(model)  # None after uncompile, under a wrapper that kept this
         if slim is None or not model.training or not torch.is_grad_enabled():
             return base(*args, **kwargs)
         slim.training = True  # the capture (slimfit_fx.trace) sees the class's forward, not this one
@@ -506,20 +517,20 @@ def compile_in_place(model: nn.Module, example_inputs: Any = None, config: SlimF
     """
     if isinstance(model, SlimFitModule):
         raise TypeError("compile_in_place needs the original model, not a SlimFitModule")
-    existing = getattr(model, "_slimfit_module", None)
+    existing = getattr(model, IN_PLACE_ATTRIBUTE, None)
     if existing is not None:
         return existing
     slim = compile(model, example_inputs, config, blocks=blocks, checkpoint=checkpoint)
     # object.__setattr__: not a submodule (it shares this model's dicts) and not in state_dict.
-    object.__setattr__(model, "_slimfit_module", slim)
+    object.__setattr__(model, IN_PLACE_ATTRIBUTE, slim)
     object.__setattr__(model, "forward", _InPlaceForward(model, model.__dict__.get("forward")))
     return slim
 
 
 def uncompile(model: nn.Module) -> None:
     """Undo :func:`compile_in_place` (an instance forward installed before it comes back)."""
-    if "_slimfit_module" in model.__dict__:
-        del model.__dict__["_slimfit_module"]
+    if IN_PLACE_ATTRIBUTE in model.__dict__:
+        del model.__dict__[IN_PLACE_ATTRIBUTE]
         installed = model.__dict__.get("forward")
         if isinstance(installed, _InPlaceForward):
             del model.__dict__["forward"]
@@ -527,3 +538,8 @@ def uncompile(model: nn.Module) -> None:
                 model.__dict__["forward"] = installed.previous
         # else a wrapper installed after compile_in_place (accelerate's) stays: it calls the
         # _InPlaceForward it wraps, which now passes every call to the model's own forward.
+
+
+def in_place_module(model: nn.Module) -> SlimFitModule | None:
+    """The SlimFitModule :func:`compile_in_place` gave ``model``; None when it has none."""
+    return model.__dict__.get(IN_PLACE_ATTRIBUTE)

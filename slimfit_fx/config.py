@@ -1,10 +1,10 @@
 """SlimFitConfig and its parts: dataclasses validated on construction.
 
-``SlimFitConfig()`` turns every feature on, saved activations in per-group
-scale-adaptive formats at the SlimFit paper's bit widths (int8 attention and
-FFN-out inputs, 4-bit GELU inputs); ``SlimFitConfig.paper()`` uses the paper's
-own fixed-point formats instead; ``SlimFitConfig.off()`` turns every rewrite
-off, so a compiled module computes exactly what the original does.
+Takes field values.  Gives ``QuantFormat`` (how one class of saved activations is stored) and
+``SlimFitConfig`` (which rewrites run, and each saved activation's format): ``SlimFitConfig()`` every
+feature on in per-group min/max formats at the SlimFit paper's bit widths, ``SlimFitConfig.paper()``
+the paper's fixed-point formats, ``SlimFitConfig.off()`` every rewrite off (the original's results).
+Never holds an out-of-range value: ``ConfigError`` names the field and the fix.
 """
 from __future__ import annotations
 
@@ -63,10 +63,12 @@ class QuantFormat:
 
     @classmethod
     def minmax(cls, bits: int = 8, group_size: int = 128, stochastic: bool = False) -> "QuantFormat":
+        """Per-group min/max scaling: ``bits`` per value, an fp32 scale and offset per ``group_size``."""
         return cls(bits=bits, kind="minmax", group_size=group_size, stochastic=stochastic)
 
     @classmethod
     def fixed(cls, bits: int, step: float, signed: bool = True, stochastic: bool = False) -> "QuantFormat":
+        """The paper's fixed point: value = code * ``step`` (a power of two), clamped to ``bits``."""
         return cls(bits=bits, kind="fixed", step=step, signed=signed, stochastic=stochastic)
 
     def nbytes(self, numel: int) -> int:
@@ -101,8 +103,9 @@ class SlimFitConfig:
     the down-projection trains, its input in ``glu_down_input_format``; ``fuse_rmsnorm`` keeps an
     RMSNorm's normalized input in ``norm_input_format``, or, with ``prune_rmsnorm``, pruned to the
     top ``layernorm_keep_ratio`` while frozen (off by default: every gradient of a pre-norm decoder
-    passes through its norms, and pruning them cost accuracy there, docs/ACCURACY.md); ``fuse_cross_entropy`` keeps a language-model
-    head's input instead of its log-probabilities and recomputes the logits in backward;
+    passes through its norms, and pruning them cost accuracy there, docs/ACCURACY.md);
+    ``fuse_cross_entropy`` keeps a language-model head's input instead of its log-probabilities and
+    recomputes the logits in backward;
     ``relu_bits`` keeps a ReLU's sign bits instead of its output.
     ``checkpoint_input_format``: how a block recomputed in backward (``compile(..., checkpoint=...)``)
     keeps its hidden-states input; ``None`` keeps it exact.
@@ -174,10 +177,12 @@ class SlimFitConfig:
 
     @property
     def quantizes_attention(self) -> bool:
+        """Whether any attention tensor (Q/K, V, probabilities) is kept quantized."""
         return any(f is not None for f in (self.attn_qk_format, self.attn_v_format, self.attn_probs_format))
 
     @property
     def compacts_dropout(self) -> bool:
+        """Whether dropout keeps less than eager PyTorch's mask."""
         return self.dropout_masks != "full"
 
     def dropout_mode(self, device_type: str) -> str:

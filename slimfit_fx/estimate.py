@@ -1,31 +1,15 @@
 """Estimates for models that do not fit: a fine-tune's memory per GPU, from the model's config alone.
 
-Contract
---------
-Takes a model: a name in ``slimfit_fx.models.KNOWN_MODELS`` or a directory holding a
-HuggingFace ``config.json`` of a text model with one stack of repeated blocks (a decoder
-or an encoder); the batch per GPU and the sequence length; a precision (``PRECISIONS``);
-a device type (``DEVICES``); an FSDP2 world size; a freeze ratio; an optimizer
-(``memory.OPTIMIZERS``).
-
-Gives an ``Estimate``: for the four ``SETTINGS`` side by side (plain PyTorch, PyTorch with
-HF-style activation checkpointing, slimfit_fx, slimfit_fx with checkpointing), the bytes
-per GPU by category (parameters, buffers, gradients, optimizer state, static and dynamic
-saved activations, FSDP2's unsharded working set), the predicted peak of a training step,
-the same categories for one block, and notes saying how each figure was modelled and what
-was not.  ``Estimate.render`` prints it (table, markdown, JSON); ``plot`` draws it.
-
-How: the model is built from its config twice, with 1 and with 2 blocks, on fake tensors
-(``FakeTensorMode``: meta storage, so nothing is allocated, but the device's own dispatch,
-so autocast's casts and the attention kernel are the device's; plain meta tensors get
-neither), captured once each (``trace``) and priced by ``MemoryPlan`` without and with
-``SlimFitConfig()``.  One block costs (depth 2) - (depth 1); the model costs
-(depth 1) + (N - 1) x one block, term by term: each category and each phase of the peak.
-``predict_at_depth`` is the same capture at any depth, to check the extrapolation.
-
-Never: allocates the model's tensors, runs a step, reads weights, downloads anything,
-builds more than two blocks, or silently applies one device's rules to another (a rule it
-cannot apply is named in the notes).
+Takes a model (a ``models.KNOWN_MODELS`` name or a directory with the HuggingFace ``config.json`` of a
+text model with one stack of repeated blocks), the batch per GPU, the sequence length, a precision
+(``PRECISIONS``), a device type (``DEVICES``), an FSDP2 world size, a freeze ratio and an optimizer
+(``memory.OPTIMIZERS``).  Gives an ``Estimate``: for the four ``SETTINGS`` (PyTorch and slimfit_fx,
+each with and without checkpointing) the bytes per GPU by category, the peak of a step, one block's
+share and notes on how each figure was modelled.  The model is built on fake tensors with 1 and with 2
+blocks, each captured and priced: one block = (2) - (1), the model = (1) + (N - 1) x one block, term by
+term; ``predict_at_depth`` captures any depth, to check that.
+Never allocates the model's tensors, runs a step, reads weights, downloads anything, builds more than
+two blocks, or silently applies one device's rules to another (the notes name what it cannot apply).
 """
 from __future__ import annotations
 
@@ -43,7 +27,7 @@ from torch import nn
 from .compiler import plan_for_graph
 from .config import SlimFitConfig
 from .memory import OPTIMIZERS, LayerEstimate, MemoryEstimate, device_workspace_bytes, fmt_bytes
-from .models import CAUSAL_LM, SEQ_CLS, DEFAULT_SEQ, ModelError, model_factory, text_inputs
+from .models import CAUSAL_LM, DEFAULT_SEQ, SEQ_CLS, ModelError, frozen_layers, model_factory, text_inputs
 from .trace import trace
 
 __all__ = ["PRECISIONS", "DEVICES", "SETTINGS", "CATEGORIES", "EstimateError", "SettingEstimate", "Estimate",
@@ -115,15 +99,18 @@ class Estimate:
     seconds: float = 0.0
 
     def column(self, name: str) -> SettingEstimate:
+        """The setting called ``name``."""
         return next(c for c in self.columns if c.name == name)
 
     def to_dict(self) -> dict:
+        """Everything, JSON-ready (``render("json")``)."""
         return {"model": self.model, "settings": self.settings, "depth": self.depth,
                 "parameter_count": self.parameter_count, "seconds": round(self.seconds, 2),
                 "columns": [{**asdict(c), "activations": c.activations, "total": c.total} for c in self.columns],
                 "notes": self.notes}
 
     def render(self, fmt: str = "table") -> str:
+        """The estimate as ``"table"``, ``"markdown"`` or ``"json"`` text."""
         if fmt == "json":
             return json.dumps(self.to_dict(), indent=2)
         from tabulate import tabulate
@@ -241,7 +228,9 @@ def _at_depth(config, depth: int, dtype: torch.dtype):
 
 
 def _build_fake(config, make_model, task: str, depth: int, options: _Options, device: str):
-    """The model with ``depth`` blocks and its inputs, as fake tensors on ``device``."""
+    """The model with ``depth`` blocks and its inputs, as fake tensors on ``device``: nothing allocated, but
+    the device's own dispatch, so autocast's casts and the attention kernel are the device's (plain meta
+    tensors get neither)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     dtype, _ = PRECISIONS[options.precision]
@@ -299,15 +288,13 @@ def _block_prefix(model: nn.Module, depth: int) -> str:
 
 
 def frozen_per_block(layers: list[str], prefix: str, ratio: float) -> set[str]:
-    """The CLI's frozen set (``cli.frozen_layers``: floor(ratio x layers), seed 0), drawn once over one
+    """The CLI's frozen set (``models.frozen_layers``: floor(ratio x layers), seed 0), drawn once over one
     block's layers and applied to every block, and once over the layers outside the blocks.
 
     One draw over the whole model (the CLI's rule) could not be extrapolated from one block: the
     block would stand for whichever of its layers the draw happened to hit.  Drawn per block, every
     depth freezes the same share of the same kinds of layer.
     """
-    from .cli import frozen_layers  # the CLI imports this module: imported here, not at the top
-
     in_block = re.compile(re.escape(prefix) + r"(\d+)\.(.+)")
     matches = [(layer, in_block.match(layer)) for layer in layers]
     block = [m.group(2) for _, m in matches if m and m.group(1) == "0"]

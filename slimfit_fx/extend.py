@@ -23,8 +23,9 @@ from typing import Callable
 import networkx as nx
 from torch import fx
 
-from .analysis import OP_TABLE, VIEW_OPS, OpContext, Rule, Save, cast_source, grad_reachable, op_key
 from .config import ConfigError
+from .nodes import cast_source, op_key
+from .op_table import OP_TABLE, VIEW_OPS, OpContext, Rule, Save, grad_reachable
 
 __all__ = ["Save", "OpContext", "Fusion", "register_rule", "register_pattern", "register_pass", "patterns",
            "pipeline", "find_fusions", "graph_context", "unregister"]
@@ -104,6 +105,7 @@ _PASSES: dict[str, _Entry] = {}
 
 
 def _register(table: dict, kind: str, name: str, fn, after, before, replace: bool):
+    _load_builtins()  # the library's own entries come first, as if registered at import
     if isinstance(after, str) or isinstance(before, str):
         raise ConfigError(f"register_{kind}({name!r}): after/before take a sequence of names, e.g. after=['x']")
 
@@ -133,6 +135,7 @@ def register_pass(name: str, fn: Callable | None = None, *, after=(), before=(),
 
 def unregister(name: str) -> None:
     """Remove a pattern or pass registered under ``name`` (a test's, or one you replace)."""
+    _load_builtins()
     if _PATTERNS.pop(name, None) is None and _PASSES.pop(name, None) is None:
         raise ConfigError(f"unregister({name!r}): no pattern or pass has that name")
 
@@ -168,7 +171,7 @@ def pipeline() -> list[tuple[str, Callable]]:
 
 def graph_context(gm: fx.GraphModule, config) -> OpContext:
     """The context patterns match in: ``is_param`` follows views and dtype casts to an
-    ``nn.Parameter`` of ``gm``; ``may_require_grad`` is ``analysis.grad_reachable``.  The analysis
+    ``nn.Parameter`` of ``gm``; ``may_require_grad`` is ``op_table.grad_reachable``.  The analysis
     and the fuse pass both match through it, so they find the same fusions."""
     params = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
 
@@ -219,4 +222,7 @@ def _load_builtins() -> None:
     global _LOADED
     if not _LOADED:
         _LOADED = True
-        from . import fusions, passes  # noqa: F401
+        from . import fusions, passes  # noqa: F401  (a pattern registers itself as its module loads)
+
+        for name, fn, after in passes.BUILTIN_PASSES:
+            register_pass(name, fn, after=after)

@@ -1,56 +1,16 @@
-"""Device-independent memory measurement for fine-tuning steps.
+"""What a fine-tuning step really holds in memory, measured by watching tensors (no GPU needed).
 
-Two numbers matter when cutting fine-tuning memory, and both are measured
-here without a GPU, by watching tensors rather than an allocator:
-
-* **Saved bytes** (:func:`measure_saved`, :func:`saved_bytes`): the bytes
-  that autograd keeps alive between forward and backward ("activations").
-  ``fn`` runs inside :class:`torch.autograd.graph.saved_tensors_hooks`; the
-  pack hook sees every tensor a node saves for backward. Each *storage* is
-  counted once (``untyped_storage().nbytes()``), so two views of one buffer,
-  or one tensor saved by two nodes, count once; storages of parameters are
-  left out, because they are alive anyway and are not activations. The hook
-  returns the tensor unchanged, so a backward can still run afterwards.
-
-* **Peak bytes** (:func:`peak_bytes`): the largest number of bytes held by
-  live tensor storages at any moment of one call of ``step_fn`` (forward,
-  backward, optimizer step). A :class:`TorchDispatchMode` sees the output of
-  every ATen op, in forward, in the autograd engine's backward and in the
-  optimizer; each new storage is registered with a weak reference whose
-  callback subtracts its bytes when the storage dies (the technique of
-  ``torch.distributed._tools.mem_tracker``, which is not used directly
-  because it crashes on partially frozen models). Tensors alive before the
-  step (parameters, buffers, gradients, optimizer state, plus any tensors the
-  caller passes) form the baseline and are tracked for freeing too.
-
-What these figures are not:
-
-* They count storages at ATen-op granularity. Scratch memory a kernel
-  allocates internally (without a dispatcher call visible to a Python mode),
-  allocator rounding and caching are invisible; ``cuda_max_allocated`` is
-  reported next to the figure on CUDA for that reason.
-* Only storages first seen as an op *output* during the step, or passed as
-  baseline, are counted. A tensor made before the step and only read by it
-  (e.g. an input batch) is not counted unless passed via ``tensors=``.
-* CPU and CUDA kernels differ (e.g. CPU dropout saves a float mask, CUDA a
-  byte mask): report figures per device type.
-
-Host-resident (offloaded) tensors: :func:`mark_host_resident` declares that a
-tensor lives in host memory on behalf of the device, e.g. the optimizer state
-of a frozen layer that :class:`slimfit_fx.optim_state.FrozenStateStore` moved
-out of the device. On a machine without an accelerator such a tensor is in
-the same (CPU) memory as everything else, so without the mark it would be
-counted as device bytes and an offload would look like no saving at all.
-Marked storages go into a separate "host" account: they are excluded from
-``peak`` and its breakdown and reported as ``offloaded`` and
-``by_device["host"]``. The mark is kept in a module-level weak registry, so a
-tensor marked before :func:`peak_bytes` starts is recognised, and a mark that
-arrives while a measurement runs moves the storage out of the device account
-at that moment (earlier, it was device memory and counted as such).
+Takes a callable (a forward, or a whole training step) and, for the peak, the model, optimizer
+and tensors alive before it. Gives the bytes autograd saved for backward (:func:`saved_bytes`,
+:func:`measure_saved`), the peak of live tensor storages over one step with its breakdown
+(:func:`peak_bytes`), and marks for storages kept in host memory on the device's behalf
+(:func:`mark_host_resident`). Counts each storage once and never changes what the callable
+computes; a tensor without a storage it can size is left uncounted, never an error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
@@ -68,10 +28,13 @@ __all__ = [
     "SavedRecord",
     "SavedMeasurement",
     "PeakMeasurement",
+    "TrackedStorage",
+    "StorageTracker",
     "measure_saved",
     "saved_tensors",
     "saved_bytes",
     "peak_bytes",
+    "running_tracker",
     "fmt_bytes",
     "mark_host_resident",
     "unmark_host_resident",
@@ -134,6 +97,11 @@ def fmt_bytes(n: int | float | None) -> str:
 
 # --------------------------------------------------------------------------
 # Saved-for-backward bytes
+#
+# ``fn`` runs inside torch.autograd.graph.saved_tensors_hooks: the pack hook
+# sees every tensor a node saves for backward and counts each storage once
+# (``untyped_storage().nbytes()``), leaving out parameters' storages, which are
+# alive anyway and are not activations.
 # --------------------------------------------------------------------------
 
 
@@ -276,6 +244,12 @@ def saved_bytes(
 
 # --------------------------------------------------------------------------
 # Peak bytes of a whole training step
+#
+# A TorchDispatchMode sees the output of every ATen op, in forward, in the
+# autograd engine's backward and in the optimizer; each new storage is
+# registered with a weak reference whose callback subtracts its bytes when the
+# storage dies (the technique of torch.distributed._tools.mem_tracker, not used
+# directly because it crashes on partially frozen models).
 # --------------------------------------------------------------------------
 
 # Account name of host-resident storages in PeakMeasurement.by_device.
@@ -322,11 +296,13 @@ class PeakMeasurement:
 
 
 @dataclass(eq=False)  # identity semantics: entries are compared with `is`
-class _Entry:
-    """One tracked storage. Holds no strong reference to it.
+class TrackedStorage:
+    """One storage a :class:`StorageTracker` counts. Holds no strong reference to it.
 
-    ``host``: the storage is host-resident (:func:`mark_host_resident`) and
-    counted in the "host" account instead of ``device``'s.
+    ``nbytes``: its size now (0 once it died); ``role``: one of "parameters",
+    "gradients", "optimizer_state", "other"; ``host``: the storage is
+    host-resident (:func:`mark_host_resident`) and counted in the "host"
+    account instead of ``device``'s.
     """
 
     nbytes: int
@@ -337,24 +313,26 @@ class _Entry:
 
     @property
     def account(self) -> str:
+        """The account its bytes are counted in: ``"host"`` or its device type."""
         return HOST if self.host else self.device
 
 
-def _promote(entry: _Entry, role: str) -> None:
+def _promote(entry: TrackedStorage, role: str) -> None:
     if _ROLES.index(role) < _ROLES.index(entry.role):
         entry.role = role
 
 
-class _LiveStorages:
-    """Live storages, the running total and its peak.
+class StorageTracker:
+    """Live storages of one :func:`peak_bytes` call, the running total (``current``) and its ``peak``.
 
     Keyed by ``id()`` of the storage's Python object: PyTorch keeps that
     object alive exactly as long as the storage, and the weak reference's
     callback runs when the storage dies, before its id can be reused.
+    Tools that instrument a step reach it through :func:`running_tracker`.
     """
 
     def __init__(self) -> None:
-        self.live: dict[int, _Entry] = {}
+        self._live: dict[int, TrackedStorage] = {}
         self.current = 0
         self.peak = 0
         self.device_now: dict[str, int] = {}
@@ -364,17 +342,18 @@ class _LiveStorages:
         # first decrease captures the peak set (plus, at most, zero-byte
         # storages) without copying on every allocation. Sizes are copied
         # too, because an entry's own count drops to 0 when it dies.
-        self.peak_entries: list[_Entry] = []
-        self.peak_sizes: list[int] = []
+        self._peak_entries: list[TrackedStorage] = []
+        self._peak_sizes: list[int] = []
         self._peak_unsaved = False
         # Host-resident bytes: live now, and live when the device peak was set.
         self.host_now = 0
         self.host_at_peak = 0
+        self._watchers: list[Callable[[Any, list[torch.Tensor]], None]] = []
 
     def track(self, t: torch.Tensor, role: str = "other") -> None:
         """Count ``t``'s storages if new; give them ``role`` if it ranks higher."""
         for st in _storages(t):
-            entry = self.live.get(id(st))
+            entry = self._live.get(id(st))
             if entry is None or entry.ref() is not st:
                 entry = self._add(st)
             elif st.nbytes() != entry.nbytes:  # resize_ or set_ grew/shrank it
@@ -384,36 +363,57 @@ class _LiveStorages:
     def tag(self, t: torch.Tensor, role: str) -> None:
         """Like :meth:`track` for storages already counted; others are left
         alone, since adding them now would misdate them (after the step)."""
-        for st in _storages(t):
-            entry = self.live.get(id(st))
-            if entry is not None and entry.ref() is st:
-                _promote(entry, role)
+        for entry in self.entries(t):
+            _promote(entry, role)
+
+    def entries(self, t: torch.Tensor) -> list[TrackedStorage]:
+        """The counted entries of ``t``'s storages (a storage not counted has none)."""
+        found = (self._entry_of(st) for st in _storages(t))
+        return [e for e in found if e is not None]
+
+    def live_entries(self) -> list[TrackedStorage]:
+        """Every storage counted and alive now."""
+        return list(self._live.values())
 
     def set_host(self, st: torch.UntypedStorage, host: bool) -> None:
         """Move a tracked storage between its device's account and the host
         account (a mark or unmark that arrives after allocation)."""
-        entry = self.live.get(id(st))
-        if entry is None or entry.ref() is not st or entry.host == host:
+        entry = self._entry_of(st)
+        if entry is None or entry.host == host:
             return
         nbytes = entry.nbytes
         self._change(entry, -nbytes)  # leaves the old account first: saves a pending peak set
         entry.host = host
         self._change(entry, nbytes)
 
-    def _add(self, st: torch.UntypedStorage) -> _Entry:
+    @contextlib.contextmanager
+    def watch(self, callback: Callable[[Any, list[torch.Tensor]], None]) -> Iterator[None]:
+        """Within the block, ``callback(op, output_tensors)`` runs after every ATen op of the
+        step, once the op's outputs are counted (so ``current`` includes them)."""
+        self._watchers.append(callback)
+        try:
+            yield
+        finally:
+            self._watchers.remove(callback)
+
+    def _entry_of(self, st: torch.UntypedStorage) -> TrackedStorage | None:
+        entry = self._live.get(id(st))
+        return entry if entry is not None and entry.ref() is st else None
+
+    def _add(self, st: torch.UntypedStorage) -> TrackedStorage:
         key = id(st)
-        entry = _Entry(nbytes=0, device=st.device.type, host=_registered_host(st))
+        entry = TrackedStorage(nbytes=0, device=st.device.type, host=_registered_host(st))
         entry.ref = weakref.ref(st, lambda _, k=key, e=entry: self._on_free(k, e))
-        self.live[key] = entry
+        self._live[key] = entry
         self._change(entry, st.nbytes())
         return entry
 
-    def _on_free(self, key: int, entry: _Entry) -> None:
-        if self.live.get(key) is entry:
+    def _on_free(self, key: int, entry: TrackedStorage) -> None:
+        if self._live.get(key) is entry:
             self._change(entry, -entry.nbytes)
-            del self.live[key]
+            del self._live[key]
 
-    def _change(self, entry: _Entry, delta: int) -> None:
+    def _change(self, entry: TrackedStorage, delta: int) -> None:
         if delta < 0 and self._peak_unsaved and not entry.host:
             self._save_peak_set()
         acc = entry.account
@@ -441,31 +441,41 @@ class _LiveStorages:
         # free a storage and re-enter _on_free mid-copy. The filter runs on
         # the copied list, not on the dict, for the same reason.
         self._peak_unsaved = False
-        entries = list(self.live.values())
-        self.peak_entries = [e for e in entries if not e.host]
-        self.peak_sizes = [e.nbytes for e in self.peak_entries]
+        entries = list(self._live.values())
+        self._peak_entries = [e for e in entries if not e.host]
+        self._peak_sizes = [e.nbytes for e in self._peak_entries]
+
+    def peak_set(self) -> list[tuple[TrackedStorage, int]]:
+        """The device storages live at the peak, each with its size then."""
+        if self._peak_unsaved:
+            self._save_peak_set()
+        return list(zip(self._peak_entries, self._peak_sizes))
 
     def peak_breakdown(self) -> dict[str, int]:
         """Bytes live at the peak, by role. Roles are read now, not at the
         peak, so a storage tagged later (a gradient) is classified as such."""
-        if self._peak_unsaved:
-            self._save_peak_set()
         out = dict.fromkeys(_ROLES, 0)
-        for e, nbytes in zip(self.peak_entries, self.peak_sizes):
+        for e, nbytes in self.peak_set():
             out[e.role] += nbytes
         return out
 
     def close(self) -> None:
+        """Stop counting: cancel every death callback and forget every storage."""
         # Dropping the weak references cancels their callbacks and breaks the
         # tracker <-> callback cycle: nothing outlives the measurement.
-        for e in list(self.live.values()):
+        for e in list(self._live.values()):
             e.ref = None
-        self.live.clear()
-        self.peak_entries, self.peak_sizes = [], []
+        self._live.clear()
+        self._peak_entries, self._peak_sizes = [], []
 
 
 # --------------------------------------------------------------------------
 # Host-resident (offloaded) storages
+#
+# On a machine without an accelerator an offloaded tensor (e.g. a frozen
+# layer's optimizer state moved out by slimfit_fx.optim_state.FrozenStateStore)
+# is in the same memory as everything else: only this mark tells it apart, so
+# that an offload does not look like no saving at all.
 # --------------------------------------------------------------------------
 
 # id(storage) -> weak reference to it. Module-level, so a mark made before a
@@ -473,8 +483,8 @@ class _LiveStorages:
 # by it; weak, so a mark never keeps memory alive, and the callback drops the
 # key when the storage dies, before its id can name another storage.
 _HOST_RESIDENT: dict[int, weakref.ref] = {}
-# Trackers of the peak_bytes calls running now: a mark reaches them at once.
-_ACTIVE: list[_LiveStorages] = []
+# Trackers of the peak_bytes calls running now, innermost last: a mark reaches them at once.
+_ACTIVE: list[StorageTracker] = []
 
 
 def _registered_host(st: torch.UntypedStorage) -> bool:
@@ -534,7 +544,7 @@ class _TrackingMode(TorchDispatchMode):
     ``torch.autograd.Function`` forwards and backwards.
     """
 
-    def __init__(self, live: _LiveStorages) -> None:
+    def __init__(self, live: StorageTracker) -> None:
         super().__init__()
         self.live = live
 
@@ -543,6 +553,10 @@ class _TrackingMode(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.live.track(t)
+        if self.live._watchers:
+            outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            for watcher in list(self.live._watchers):
+                watcher(func, outputs)
         return out
 
 
@@ -577,16 +591,43 @@ def _known_tensors(params, model, optimizer) -> Iterator[tuple[torch.Tensor, str
 def _grad_hooks(params, live) -> list:
     """Tag each gradient as it is accumulated, so gradients freed later in
     the step (``zero_grad(set_to_none=True)``) are still classified."""
-    handles = []
-    for p in params:
-        if p.requires_grad and p.is_leaf:
-            hook = lambda q: live.track(q.grad, "gradients") if q.grad is not None else None
-            handles.append(p.register_post_accumulate_grad_hook(hook))
-    return handles
+
+    def tag_gradient(q: torch.Tensor) -> None:
+        if q.grad is not None:
+            live.track(q.grad, "gradients")
+
+    return [p.register_post_accumulate_grad_hook(tag_gradient) for p in params if p.requires_grad and p.is_leaf]
 
 
 def _cuda_active() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def running_tracker() -> StorageTracker:
+    """The :class:`StorageTracker` of the innermost :func:`peak_bytes` call running now, for a
+    ``step_fn`` that instruments its own step; RuntimeError outside one."""
+    if not _ACTIVE:
+        raise RuntimeError("no peak_bytes measurement is running")
+    return _ACTIVE[-1]
+
+
+def _measurement(live: StorageTracker, baseline: int) -> PeakMeasurement:
+    """The figures of a finished step."""
+    breakdown = live.peak_breakdown()
+    cuda_peak = (
+        torch.cuda.max_memory_allocated()
+        if "cuda" in live.device_peak and _cuda_active()
+        else None
+    )
+    return PeakMeasurement(
+        peak=live.peak,
+        baseline=baseline,
+        end=live.current,
+        **breakdown,
+        offloaded=live.host_at_peak,
+        by_device=dict(live.device_peak),
+        cuda_max_allocated=cuda_peak,
+    )
 
 
 def peak_bytes(
@@ -603,7 +644,8 @@ def peak_bytes(
     so that nothing of the step is kept alive. The baseline is what is live
     before the step: parameters, gradients and buffers of ``model``,
     parameters and state of ``optimizer``, and ``tensors`` (e.g. the input
-    batch, if it was made outside ``step_fn``), each storage once.
+    batch, if it was made outside ``step_fn``), each storage once; a tensor
+    made before the step and only read by it is not counted otherwise.
 
     Classification at the peak: "parameters" are storages of the model's or
     optimizer's parameters; "gradients" are storages that were some
@@ -620,9 +662,14 @@ def peak_bytes(
     ``offloaded`` is what of them was live at the moment of the peak and
     ``by_device["host"]`` their own peak. A storage marked during the step
     counts as device memory until the mark.
+
+    The figures count storages at ATen-op granularity: a kernel's internal
+    scratch memory, allocator rounding and caching are invisible (hence
+    ``cuda_max_allocated`` beside them on CUDA), and CPU and CUDA kernels keep
+    different things (CPU dropout saves a float mask, CUDA a byte mask).
     """
     params = _parameters(model, optimizer)
-    live = _LiveStorages()
+    live = StorageTracker()
     handles: list = []
     _ACTIVE.append(live)
     try:
@@ -639,21 +686,7 @@ def peak_bytes(
             step_fn()  # result dropped on purpose: it may hold the graph
         for t, role in _known_tensors(params, model, optimizer):
             live.tag(t, role)  # grads and state made in the step
-        breakdown = live.peak_breakdown()
-        cuda_peak = (
-            torch.cuda.max_memory_allocated()
-            if "cuda" in live.device_peak and _cuda_active()
-            else None
-        )
-        return PeakMeasurement(
-            peak=live.peak,
-            baseline=baseline,
-            end=live.current,
-            **breakdown,
-            offloaded=live.host_at_peak,
-            by_device=dict(live.device_peak),
-            cuda_max_allocated=cuda_peak,
-        )
+        return _measurement(live, baseline)
     finally:
         _ACTIVE.remove(live)
         for h in handles:

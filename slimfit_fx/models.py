@@ -1,40 +1,17 @@
 """Named model configurations that build offline, with example training inputs.
 
-Every model is built from a HuggingFace config class with random weights:
-memory depends on shapes and dtypes, not on weight values, so nothing is
-downloaded.  ``build(name, batch, seq, image_size)`` returns the model in
-train mode and a batch of keyword inputs (with labels, so ``model(**inputs)``
-returns a loss), both from a fixed seed.
-
-Named models (``KNOWN_MODELS``; dims of the public checkpoints):
-
-* ``bert-base``, ``bert-large``: BertForSequenceClassification, num_labels=2
-  (bert-base-uncased / bert-large-uncased dims; GLUE-style fine-tuning).
-* ``roberta-base``: RobertaForSequenceClassification, num_labels=2.
-* ``vit-base``, ``vit-large``: ViTForImageClassification, 224 px, patch 16,
-  num_labels=1000 (ImageNet, the paper's headline ViT task).
-* ``gpt2``: GPT2LMHeadModel, 124M dims.
-* ``llama-1b``: LlamaForCausalLM with LLaMA-3.2-1B dims (1.24 B parameters,
-  about 5 GB in fp32; building it takes tens of seconds).
-* ``llama-1b-4l``: the same widths, 4 layers (0.51 B parameters, 0.26 B of them the
-  tied embedding): LLaMA widths that fit a CPU benchmark.
-* ``bert-tiny``, ``roberta-tiny``, ``vit-tiny``, ``gpt2-tiny``, ``llama-tiny``:
-  hidden 64, 2 layers, for tests and quick looks (vit-tiny: 32 px, patch 8,
-  10 labels).
-
-A path to an existing directory holding a HuggingFace ``config.json`` is also
-accepted: the config is read with ``AutoConfig.from_pretrained`` and the model
-built *from the config* (random weights; the checkpoint's weights are not
-loaded, since they change no byte of the memory figures).  Its head follows
-``config.architectures``: a causal LM head when it names one (``...ForCausalLM``,
-``...LMHeadModel``), a seq2seq LM for encoder-decoder configs (T5, BART), an image
-classifier for vision configs, a sequence classifier otherwise; without
-``architectures``, a decoder-only model type gets a causal LM head.  The head
-picked, and why, is printed to stderr.
+Takes a name in ``KNOWN_MODELS`` or a directory holding a HuggingFace ``config.json``, a batch size and
+a sequence length or image size.  Gives ``build``: the model in train mode with random weights (memory
+depends on shapes and dtypes, not on weight values) and keyword inputs with labels, so that
+``model(**inputs)`` returns a loss, both from a fixed seed; ``model_factory`` and ``text_inputs`` for
+``slimfit_fx.estimate``.  A directory's head follows its config (``_task_of``), said on stderr.
+Never downloads anything or loads a checkpoint's weights.
 """
 from __future__ import annotations
 
+import math
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 
@@ -42,13 +19,14 @@ import torch
 from torch import nn
 
 __all__ = ["KNOWN_MODELS", "ModelError", "build", "DEFAULT_SEQ", "model_factory", "text_inputs", "CAUSAL_LM",
-           "SEQ_CLS", "IMAGE_CLS", "SEQ2SEQ"]
+           "SEQ_CLS", "IMAGE_CLS", "SEQ2SEQ", "FREEZE_SEED", "frozen_layers"]
 
 DEFAULT_SEQ = 128
 # Token ids are drawn from [_FIRST_ID, vocab): clear of the usual special ids
 # (BERT pads with 0, RoBERTa with 1), so only the attention mask marks padding.
 _FIRST_ID = 5
 SEED = 0
+FREEZE_SEED = 0
 
 
 class ModelError(ValueError):
@@ -75,6 +53,9 @@ _ROBERTA = dict(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1
                 layer_norm_eps=1e-5)
 _LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
+# The dims of the public checkpoints: BERT and RoBERTa as GLUE-style classifiers (2 labels), ViT as
+# ImageNet's (1000 labels, 224 px, patch 16), GPT-2 124M, LLaMA-3.2-1B; llama-1b-4l keeps its widths
+# with 4 layers (fits a CPU benchmark).  The *-tiny ones (hidden 64, 2 layers) are for tests.
 _SPECS: dict[str, _Spec] = {
     "bert-base": _Spec("BertConfig", "BertForSequenceClassification", SEQ_CLS, dict(num_labels=2)),
     "bert-large": _Spec("BertConfig", "BertForSequenceClassification", SEQ_CLS, dict(num_labels=2, **_LARGE)),
@@ -134,6 +115,13 @@ def build(name: str, batch: int, seq: int | None = None,
     gen = torch.Generator().manual_seed(SEED)
     inputs = _image_inputs(config, batch, gen) if task == IMAGE_CLS else _text_inputs(config, task, batch, seq, gen)
     return model, inputs
+
+
+def frozen_layers(layers: list[str], ratio: float) -> set[str]:
+    """floor(ratio x len(layers)) layers, a random subset drawn with ``FREEZE_SEED``: the frozen set of
+    ``slimfit-fx report``, standing for one iteration of SlimFit's scheduler (which picks as many)."""
+    k = math.floor(round(ratio * len(layers), 9))  # round: 0.29 * 100 is 28.999...
+    return set(random.Random(FREEZE_SEED).sample(layers, k))
 
 
 def model_factory(name: str):

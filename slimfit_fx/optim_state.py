@@ -1,88 +1,11 @@
-"""Optimizer state of frozen layers: moved off the device while a layer is frozen.
+"""Optimizer state of frozen layers, moved off the device while a layer is frozen.
 
-With 90% of the layers frozen, AdamW's state (``exp_avg`` and ``exp_avg_sq``,
-twice the weights) is the largest term of a training step, yet a frozen
-layer's state is neither read nor written until the layer trains again.
-:class:`FrozenStateStore` takes it out of the device when a layer freezes and
-puts it back before the layer trains again. A scheduler calls
-``freeze(params)`` after it freezes a layer (``requires_grad`` False, grad
-None), ``prefetch(params)`` a step ahead of unfreezing, and ``thaw(params)``
-before the first step that trains it.
-
-Modes:
-
-``"keep"``
-    no-op: the reference, and the choice when memory is not short.
-``"offload"``
-    each state tensor is copied to host memory (pinned, ``non_blocking`` on
-    CUDA) and the device copy is released; ``thaw`` copies it back exactly.
-    On a CPU-only machine the tensor already is in host memory: it is kept
-    as it is and only *marked* host-resident
-    (:func:`slimfit_fx.measure.mark_host_resident`), so that
-    :func:`~slimfit_fx.measure.peak_bytes` reports it as offloaded and not as
-    device memory. It is marked on CUDA too (the pinned host copy).
-``"compress"``
-    each state tensor is replaced, on its device, by an 8-bit blockwise code
-    (:func:`quantize_state`); ``thaw`` restores a dequantized tensor. About
-    3.9x fewer bytes; lossy (see the error bounds below).
-
-What is moved: every floating-point tensor of ``optimizer.state[p]`` with at
-least one dimension, except the key ``"step"`` (AdamW's ``exp_avg``,
-``exp_avg_sq``, ``max_exp_avg_sq``; SGD's ``momentum_buffer``; ...). 0-d
-tensors (Adam's ``step``) and non-tensors stay, so ``optimizer.state[p]`` is
-never empty and a step can never mistake a frozen parameter for a new one
-and silently restart its state.
-
-How ``optimizer.state[p]`` looks while ``p`` is frozen: the moved entries are
-replaced in place, by the host tensor (offload) or by a :class:`Blockwise8bit`
-(compress). The device tensor is no longer referenced. PyTorch's optimizers
-only gather the state of parameters whose ``grad`` is not None (checked in
-the source of Adam/AdamW and SGD, and tested with AdamW for-loop and foreach
-and with SGD; the other ``torch.optim`` classes test ``p.grad`` the same
-way), so a frozen parameter's state is not touched by ``step()``; a step pre-hook raises a
-``RuntimeError`` if a frozen parameter has a gradient anyway (it would train
-on a half state).
-
-Checkpoints: ``optimizer.state_dict()`` is complete and exact while layers
-are frozen. A state-dict post-hook puts a full-precision copy of each frozen
-entry into the returned dict (offload: the host tensors themselves, on the
-CPU; compress: the dequantized tensors, on the CPU, equal to what ``thaw``
-would give); ``optimizer.state`` itself is left as it is. Loading such a dict
-into a fresh optimizer (``load_state_dict`` casts state to each parameter's
-device) gives the same state as ``mode="keep"`` (exactly for offload).
-``load_state_dict`` on the store's own optimizer while layers are frozen
-loads the new state and freezes it again (a load post-hook).
-
-Compression (:func:`quantize_state`), chosen per state key and sign:
-
-* ``"log"``: keys of second-moment statistics (:data:`SECOND_MOMENT_KEYS`:
-  ``exp_avg_sq``, ``max_exp_avg_sq``, ``square_avg``, ...) whose values are
-  all >= 0. They sit under a square root in the update's denominator, so the
-  *relative* accuracy of small values matters, and a small value rounded to
-  zero would blow the update up. Per block of ``block_size`` elements:
-  code 0 is exact zero; codes 1..255 are linear in ``log2`` between the
-  block's smallest positive value (code 1) and its largest (code 255). Every
-  nonzero value comes back within a relative error of
-  ``2**(step/2) - 1``, ``step = log2(max/min_pos) / 254``: 0.27% for a block
-  spanning a factor 2**2, 1.4% for 2**10, 5.6% for 2**40; zero stays zero and
-  nonzero stays nonzero. Stored: uint8 codes plus fp32 ``log2(min_pos)`` and
-  fp32 step per block.
-* ``"linear"``: everything else (``exp_avg``, ``momentum_buffer``, and a
-  second-moment key holding a negative value): int8 with a per-block absmax
-  scale, ``code = round(x / (absmax / 127))`` in [-127, 127]; absolute error
-  at most ``absmax / 254`` per block; zero stays zero. Stored: int8 codes plus
-  one fp32 scale per block.
-* A tensor holding NaN or infinity is not compressed (kept as it is): the
-  run has diverged, and a code would hide where.
-
-Deciding costs one host sync per tensor (``aminmax`` of it). Quantization
-and dequantization work in chunks of :data:`CHUNK_BLOCKS` blocks, so their
-temporaries stay a few MiB whatever the tensor size. Dequantized tensors are
-contiguous (the original strides are not kept).
-
-Limits: the CUDA paths (pinned copies, prefetch on a side stream with an
-event) cannot be exercised on a CPU-only machine and are untested here.
-``prefetch`` is a no-op for ``"compress"`` and ``"keep"`` and off CUDA.
+Takes an optimizer and, from a scheduler, the parameters it has frozen (``freeze``), will train soon
+(``prefetch``) and trains again (``thaw``).  Gives ``FrozenStateStore`` in one of ``MODES``: keep,
+offload to host memory, or compress to 8-bit blockwise codes (``quantize_state``); state dicts stay
+complete while layers are frozen.  docs/DESIGN.md, "Frozen optimizer state", has the details.
+Never moves a step count or a 0-d tensor, lets a step run on a frozen parameter's moved state, or
+changes ``optimizer.state`` when a state dict is taken.
 """
 from __future__ import annotations
 
@@ -148,6 +71,7 @@ class Blockwise8bit(NamedTuple):
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the codes, scales and offsets."""
         return sum(_nbytes(t) for t in (self.codes, self.scale, self.offset) if t is not None)
 
 
@@ -253,7 +177,7 @@ def _finite_and_nonnegative(t: Tensor) -> tuple[bool, bool]:
 
 
 def quantize_state(key: str, t: Tensor, block_size: int = 256) -> Blockwise8bit | Tensor:
-    """Code the state tensor ``optimizer.state[p][key]`` (see the module doc).
+    """Code the state tensor ``optimizer.state[p][key]`` (docs/DESIGN.md, "Frozen optimizer state").
 
     Log domain for a :data:`SECOND_MOMENT_KEYS` key with no negative value,
     linear absmax int8 otherwise; a tensor that is empty or not finite is
@@ -322,7 +246,7 @@ class FrozenStateStore:
     """Holds the optimizer state of frozen parameters off the device.
 
     ``FrozenStateStore(optimizer, mode="offload", block_size=256)`` with
-    ``mode`` in :data:`MODES` (see the module doc); ``block_size`` is the
+    ``mode`` in :data:`MODES` (docs/DESIGN.md); ``block_size`` is the
     element count per block of ``"compress"``'s codes (a smaller block costs
     more scale bytes and adapts better to local magnitudes).
 

@@ -1,26 +1,12 @@
 """Mixed precision: autocast made explicit in captured graphs.
 
-Contract:
-
-* ``autocast_state()`` is the ambient ``torch.autocast`` state, a hashable tuple of
-  ``(device_type, dtype)`` for every device type with autocast on (``()`` when off).
-  Captured graphs, their memory plans and the compiled module's graph cache are keyed
-  on it.
-* ``materialize_autocast(gm, state)`` reads a graph captured under ``state`` (whose
-  FakeTensor metadata holds the dtypes autocast produced) and inserts the casts
-  autocast made as explicit ``aten._to_copy`` nodes.  Run under ``autocast_disabled``,
-  the graph then computes what eager PyTorch computes under autocast, op for op, and
-  every node's metadata states the dtype the op really sees: the analysis prices the
-  low-precision copies autocast keeps, and the runtime ops never meet mixed dtypes.
-  Nothing else changes; a graph captured without autocast is left alone.
-* ``autocast_disabled(state)`` / ``autocast_enabled(state)``: context managers that
-  turn autocast off for (or re-enter) the device types of ``state``.
-
-Which arguments autocast cast is read off autocast itself, not off a copy of its op
-lists: each op is run again on its recorded FakeTensor inputs under the captured
-autocast state, and the ``_to_copy`` calls autocast makes of those inputs are the casts.
-An op whose recorded dtypes only come out with autocast off ran in a region the model
-disabled autocast for (rotary embeddings kept in fp32) and gets no cast.
+Takes a graph captured under ``torch.autocast`` (FakeTensor metadata in the dtypes autocast produced)
+and its ``autocast_state()`` (``((device_type, dtype), ...)``, hashable, ``()`` with autocast off).
+Gives ``materialize_autocast``: the casts autocast made, as explicit ``aten._to_copy`` nodes read off
+autocast itself (each op run again on its recorded inputs), so that the graph run under
+``autocast_disabled(state)`` computes what eager autocast computes, op for op; and the context
+managers ``autocast_disabled`` / ``autocast_enabled``.
+Never changes anything else in a graph, nor a graph captured without autocast.
 """
 from __future__ import annotations
 
@@ -70,21 +56,22 @@ def describe(state: AutocastState) -> str:
 
 
 @contextlib.contextmanager
-def autocast_disabled(state: AutocastState | None) -> Iterator[None]:
-    """Autocast off for the device types of ``state`` (nothing to do when it is empty)."""
-    with contextlib.ExitStack() as stack:
-        for dev, _ in state or ():
-            stack.enter_context(torch.autocast(dev, enabled=False))
-        yield
-
-
-@contextlib.contextmanager
-def autocast_enabled(state: AutocastState | None) -> Iterator[None]:
-    """Re-enter the autocast of ``state`` (e.g. to analyse a batch the way it was run)."""
+def _autocast_each(state: AutocastState | None, enabled: bool) -> Iterator[None]:
+    """Autocast entered for each device type of ``state``: in its dtype, or turned off."""
     with contextlib.ExitStack() as stack:
         for dev, dtype in state or ():
-            stack.enter_context(torch.autocast(dev, dtype=dtype))
+            stack.enter_context(torch.autocast(dev, dtype=dtype) if enabled else torch.autocast(dev, enabled=False))
         yield
+
+
+def autocast_disabled(state: AutocastState | None) -> contextlib.AbstractContextManager:
+    """Autocast off for the device types of ``state`` (nothing to do when it is empty)."""
+    return _autocast_each(state, enabled=False)
+
+
+def autocast_enabled(state: AutocastState | None) -> contextlib.AbstractContextManager:
+    """Re-enter the autocast of ``state`` (e.g. to analyse a batch the way it was run)."""
+    return _autocast_each(state, enabled=True)
 
 
 # ----------------------------------------------------------------------------- casts

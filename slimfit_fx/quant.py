@@ -1,29 +1,18 @@
-"""Quantizers for activations saved for backward: the formats layer's public face.
+"""The saved-activation formats: quantizers, and the byte counts both the prediction and the ops use.
 
-Only the copy saved for backward is quantized; the forward pass stays exact.
-``quantize(x, fmt)`` returns a :class:`Quantized` whose tensors take exactly
-``fmt.nbytes(x.numel())`` bytes (the memory analysis predicts saved bytes with
-that formula); ``dequantize(q)`` gives back a tensor of ``x``'s shape and dtype.
-Inputs: float32, bfloat16 or float16 of any shape and strides; anything else is a
-``TypeError`` (the passes keep such tensors unquantized instead).
+Takes float32, bfloat16 or float16 tensors of any shape and strides (anything else is a
+``TypeError``: the passes keep such tensors unquantized) and a ``QuantFormat``.  Gives
+``quantize(x, fmt)``, a :class:`Quantized` of exactly ``fmt.nbytes(x.numel())`` bytes, and
+``dequantize(q)``, a tensor of ``x``'s shape and dtype; and the byte formulas of what the runtime
+ops keep (``mask_nbytes``, ``keep_count``, ``pruned_layernorm_bytes``), so prediction and run agree.
 
-Formats (``QuantFormat.kind``):
-
-``"minmax"`` (the default): per-group min/max scaling, computed by the
-  ``torch.ops.slimfit`` kernels (``slimfit_fx.kernels``, whose ``reference`` module
-  states the arithmetic): codes packed ``8 // bits`` per byte, an fp32 scale and
-  offset per group, error at most half a group's step (one step with stochastic
-  rounding), nothing clipped.
-
-``"fixed"`` (the SlimFit paper's): ``c = clamp(round(x / step), qmin, qmax)``, value
-  ``c * step``.  Signed ``b`` bits: ``qmin = -2**(b-1)``, ``qmax = 2**(b-1) - 1``;
-  unsigned: ``0 .. 2**b - 1``.  Stored codes are offset binary (``c - qmin``), packed
-  like the min/max codes.  Rounding to nearest, ties to even; NaN stores 0.0 and
-  ``+-inf`` the range ends.
-
-Stochastic rounding draws from ``generator`` (fixed: uniform noise on ``x``'s device;
-minmax: a 62-bit seed for the kernel's own counter-based generator), never from the
-global RNG, so dropout masks stay those of the unquantized model.
+``"minmax"`` (default): per-group min/max codes, the ``torch.ops.slimfit`` kernels
+(``kernels.reference`` states the arithmetic); error at most half a group's step, nothing clipped.
+``"fixed"`` (the SlimFit paper's): ``c = clamp(round(x / step), qmin, qmax)`` stands for
+``c * step``, signed ``b`` bits ``-2**(b-1) .. 2**(b-1) - 1`` or unsigned ``0 .. 2**b - 1``, stored
+offset binary (``c - qmin``) and packed like the min/max codes; ties to even, NaN stores 0.0 and
+``+-inf`` the range ends.  Never quantizes the forward's own values, and never draws stochastic
+rounding from the global RNG (``generator`` only), so dropout masks stay those of the model.
 """
 from __future__ import annotations
 
@@ -35,10 +24,10 @@ import torch
 from torch import Tensor
 
 from .config import QuantFormat
-from .kernels import library as _kernels
 from .kernels.reference import pack_codes, unpack_codes
 
-__all__ = ["Quantized", "QuantMeta", "quantize", "dequantize", "pack", "unpack", "accepts", "mask_nbytes"]
+__all__ = ["Quantized", "QuantMeta", "quantize", "dequantize", "pack", "unpack", "accepts", "mask_nbytes",
+           "keep_count", "pruned_index_dtype", "pruned_layernorm_bytes"]
 
 _RNG_STATE_BYTES = {"cuda": 16}  # a Philox seed and offset; the CPU's Mersenne state is read off torch
 
@@ -62,8 +51,32 @@ def accepts(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
+def keep_count(row: int, keep_ratio: float) -> int:
+    """Values a pruned norm keeps per row of ``row`` elements (``ops.layernorm``, ``ops.rmsnorm``)."""
+    return max(1, math.ceil(keep_ratio * row))
+
+
+def pruned_index_dtype(row: int) -> torch.dtype:
+    """Dtype of a pruned norm's column indices: int16, int32 past 32,767 columns."""
+    return torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def pruned_layernorm_bytes(rows: int, row: int, dtype: torch.dtype, keep_ratio: float) -> int:
+    """Bytes of a pruned LayerNorm (or RMSNorm) save: top-k values and their column indices per row."""
+    return rows * keep_count(row, keep_ratio) * (dtype.itemsize + pruned_index_dtype(row).itemsize)
+
+
+class _Shaped:
+    """``numel`` of a class with a ``shape``: the quantized tensor's element count."""
+
+    @property
+    def numel(self) -> int:
+        """Elements of the tensor that was quantized."""
+        return math.prod(self.shape)
+
+
 @dataclass(frozen=True)
-class QuantMeta:
+class QuantMeta(_Shaped):
     """The Python (non-tensor) part of a :class:`Quantized`: keep it on an autograd ctx."""
 
     shape: tuple
@@ -71,20 +84,17 @@ class QuantMeta:
     fmt: QuantFormat
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def ntensors(self) -> int:
         """How many tensors ``Quantized.tensors()`` returns for this format (1 or 3)."""
         return 3 if self.fmt.kind == "minmax" else 1
 
     def rebuild(self, tensors: Sequence[Tensor]) -> "Quantized":
+        """The ``Quantized`` these are the meta of, from its ``tensors()``."""
         return Quantized.from_tensors(tensors, self)
 
 
 @dataclass
-class Quantized:
+class Quantized(_Shaped):
     """A quantized tensor: storage tensors plus Python metadata.
 
     ``codes``: uint8, 1-D, ``ceil(numel / (8 // bits))`` bytes (packed when ``bits < 8``).
@@ -101,11 +111,8 @@ class Quantized:
     fmt: QuantFormat
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
     def meta(self) -> QuantMeta:
+        """The Python part: keep it on ctx, the ``tensors()`` with ``save_for_backward``."""
         return QuantMeta(tuple(self.shape), self.dtype, self.fmt)
 
     def tensors(self) -> tuple:

@@ -1,35 +1,14 @@
-"""The inter-layer scheduler (ILS): which weight tensors train in each iteration.
+"""The inter-layer scheduler (SlimFit's ILS): which weight tensors train in each iteration.
 
-SlimFit (the paper's inter-layer scheduling) freezes, every iteration, the layers whose
-weights have been changing least.  The scheduler plugs into any
-``torch.optim.Optimizer`` through its step hooks, so a normal loop
-(``loss.backward(); optimizer.step(); optimizer.zero_grad()``) needs one extra
-line::
-
-    sched = slimfit_fx.Scheduler(model, optimizer, policy=slimfit_fx.Ratio(0.9))
-
-* pre-step hook: snapshot the weights about to be updated (only those: the
-  extra memory is the trained fraction, not a copy of the model);
-* post-step hook: score each trained layer by the mean relative change
-  ``|dW| / (|W| + eps)``, choose the next frozen set, flip ``requires_grad`` and
-  drop the gradients of newly frozen layers (``grad = None``, so no momentum or
-  weight decay moves them), and optionally move their optimizer state off the
-  device (``frozen_state="offload"`` or ``"compress"``).
-
-The scheduler never touches graphs: the modules made by ``slimfit_fx.compile``
-read ``requires_grad`` at run time, so a frozen layer stores nothing and
-computes no weight gradient.  On a plain ``nn.Module`` freezing saves only what
-PyTorch saves by itself (Linear inputs and weight gradients); ``summary()``
-says which of the two is in effect.
-
-Policies: :class:`Ratio` (the paper's ILS) and :class:`Budget` (train the
-highest-scoring layers whose bytes fit, priced by the static analysis for the
-current batch shape).  Both honour a staleness bound: no layer stays frozen for
-more than ``max_frozen_steps`` iterations.  Under ``Ratio`` an infeasible bound is a
-``ConfigError`` at construction; under ``Budget`` a layer that alone costs more than
-the budget is a ``SchedulerError`` when it is priced, and when several layers go
-stale at once and only some fit, the rest wait (most stale first), with a warning
-and an entry in ``staleness_overruns``.
+Takes the model being trained (``slimfit_fx.compile``'s result or a plain ``nn.Module``), its
+``torch.optim.Optimizer`` and a :class:`FreezePolicy` (:class:`Ratio`, :class:`Budget` or one of
+your own), and hooks into the optimizer's step:
+``sched = slimfit_fx.Scheduler(model, optimizer, policy=slimfit_fx.Ratio(0.9))``.
+Gives, after every ``optimizer.step()``, the frozen set of the next iteration (``requires_grad``
+flipped, newly frozen layers' gradients dropped, their optimizer state optionally moved off the
+device), its history, and the predicted bytes of the current set.
+Never touches a graph, never writes a weight, and never lets the ranks of a distributed run freeze
+different layers.
 """
 from __future__ import annotations
 
@@ -38,18 +17,19 @@ import logging
 import math
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from .analysis import layer_parameters
 from .config import ConfigError
+from .memory import BudgetPricing, PlanError, resolve_optimizer
 from .precision import autocast_enabled
-from .trace import shape_signature as _shape_signature
+from .trace import IN_PLACE_ATTRIBUTE, input_signature, training_mode
 
-__all__ = ["Ratio", "Budget", "Scheduler", "SchedulerError"]
+__all__ = ["FreezePolicy", "Ratio", "Budget", "Scheduler", "SchedulerError"]
 
 
 logger = logging.getLogger("slimfit_fx")
@@ -59,9 +39,49 @@ class SchedulerError(ValueError):
     """The scheduler cannot honour its policy; the message says why and what to change."""
 
 
+class FreezePolicy:
+    """How a :class:`Scheduler` chooses the layers it freezes; subclass it to write your own policy.
+
+    The contract a policy keeps:
+
+    * ``choose(scheduler)`` returns the set of indices into ``scheduler.layers`` to freeze for the
+      next iteration.  It reads what the scheduler knows: ``scores`` (a layer's latest score; higher
+      means its training paid more), ``measured``, ``frozen_for`` (consecutive iterations frozen),
+      ``iteration``, ``max_frozen_steps``, ``ranked_layers()`` (highest score first) and
+      ``stale_layers()`` (the layers the staleness bound says must train next, most stale first),
+      and changes none of them.  It runs when the scheduler starts and after every optimizer step,
+      under ``torch.distributed`` on rank 0 alone (the other ranks take its answer).
+    * ``frozen_count(t)``: how many of ``t`` layers every choice freezes, or None when that varies;
+      it sets ``scheduler.k`` and the default ``max_frozen_steps``.
+    * ``check(scheduler)``: raise, when the scheduler is built, for what the policy can never honour.
+    * ``priced``: True when ``choose`` prices layers for the batch shape of the latest forward: the
+      first choice then waits for a batch shape and is made again at the first forward.
+
+    A policy is an immutable value (a frozen dataclass): its ``repr`` names it in ``summary()`` and
+    ``state_dict()``.
+    """
+
+    priced: ClassVar[bool] = False
+
+    def frozen_count(self, t: int) -> int | None:
+        """How many of ``t`` scheduled layers every choice freezes; None when the number varies."""
+        return None
+
+    def check(self, scheduler: "Scheduler") -> None:
+        """Raise ``ConfigError`` or ``SchedulerError`` for what this policy can never honour with ``scheduler``."""
+
+    def choose(self, scheduler: "Scheduler") -> set[int]:
+        """The indices into ``scheduler.layers`` to freeze for the next iteration."""
+        raise NotImplementedError(f"{type(self).__name__} must define choose(scheduler)")
+
+
 @dataclass(frozen=True)
-class Ratio:
-    """Freeze ``floor(ratio * t)`` of the ``t`` scheduled layers every iteration (the paper's ILS)."""
+class Ratio(FreezePolicy):
+    """Freeze ``floor(ratio * t)`` of the ``t`` scheduled layers every iteration (the paper's ILS).
+
+    The stale layers train first, then the highest scores fill the remaining slots.  A staleness
+    bound the ratio cannot keep is a ``ConfigError`` when the scheduler is built.
+    """
 
     ratio: float
 
@@ -70,9 +90,39 @@ class Ratio:
             raise ConfigError(f"Ratio(ratio={self.ratio!r}): the freezing ratio must be in [0, 1) "
                               "(the paper uses 0.75-0.95); 1.0 would train nothing")
 
+    def frozen_count(self, t: int) -> int:
+        """``floor(ratio * t)``."""
+        return math.floor(float(self.ratio) * t)
+
+    def check(self, scheduler: "Scheduler") -> None:
+        """Refuse a ``max_frozen_steps`` that this ratio cannot keep for every layer."""
+        bound = scheduler.max_frozen_steps
+        if bound is None:
+            return
+        t = len(scheduler.layers)
+        slots = t - self.frozen_count(t)
+        if slots == 0 or (bound + 1) * slots < t:
+            need = math.ceil(t / max(slots, 1)) - 1
+            raise ConfigError(
+                f"max_frozen_steps={bound} cannot hold with {slots} of {t} layers trained per "
+                f"iteration: every layer must train once in {bound + 1} iterations; "
+                f"use max_frozen_steps >= {need} or a lower ratio")
+
+    def choose(self, scheduler: "Scheduler") -> set[int]:
+        """Train the stale layers, then the highest scores, ``t - floor(ratio * t)`` in all; freeze the rest."""
+        t = len(scheduler.layers)
+        trained_slots = t - self.frozen_count(t)
+        trained: list[int] = scheduler.stale_layers()[:trained_slots]
+        for i in scheduler.ranked_layers():
+            if len(trained) >= trained_slots:
+                break
+            if i not in trained:
+                trained.append(i)
+        return set(range(t)) - set(trained)
+
 
 @dataclass(frozen=True)
-class Budget:
+class Budget(FreezePolicy):
     """Train the highest-scoring layers while the predicted training memory fits ``bytes``.
 
     The memory is ``MemoryEstimate.total`` of the static analysis: parameters,
@@ -81,9 +131,13 @@ class Budget:
     trained layer costs is its gradient, its optimizer state and the dynamic
     activations it keeps (a shared input, e.g. of Q/K/V, counted once; a
     trained LayerNorm keeps its full input instead of the pruned output).
+    A layer that alone costs more than the budget is a ``SchedulerError`` when it is
+    priced; when several layers go stale at once and only some fit, the rest wait (most
+    stale first), with a warning and an entry in ``Scheduler.staleness_overruns``.
     """
 
     bytes: int
+    priced: ClassVar[bool] = True
 
     def __post_init__(self):
         if isinstance(self.bytes, bool) or not isinstance(self.bytes, (int, float)) or not self.bytes > 0 \
@@ -91,79 +145,79 @@ class Budget:
             raise ConfigError(f"Budget(bytes={self.bytes!r}): give a positive number of bytes, "
                               "e.g. Budget(int(plan.predict(frozen).total))")
 
+    def check(self, scheduler: "Scheduler") -> None:
+        """Refuse an optimizer whose state the memory model cannot price."""
+        scheduler.priced_optimizer()
 
-def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
-    """Name of the optimizer in memory.OPTIMIZERS terms, for the budget's state bytes."""
-    if isinstance(optimizer, (torch.optim.AdamW, torch.optim.Adam)):
-        return "adamw"
-    if isinstance(optimizer, torch.optim.SGD):
-        return "sgd-momentum" if any(g.get("momentum", 0) for g in optimizer.param_groups) else "sgd"
-    # Most other optimizers (Adamax, NAdam, RAdam, ...) keep two moments per weight.
-    return "adamw"
+    def choose(self, scheduler: "Scheduler") -> set[int]:
+        """Stale layers first, then by score: every layer whose exact marginal bytes still fit trains."""
+        pricing = scheduler._budget_pricing()
+        budget = int(self.bytes)
+        self._check_affordable(scheduler, pricing, budget)
+        t = len(scheduler.layers)
+        stale = scheduler.stale_layers()
+        chosen = self._fill(scheduler, pricing, budget, stale)
+        late = [scheduler.layers[i] for i in stale if i not in set(chosen)]
+        if late:
+            self._record_overrun(scheduler, budget, stale, late)
+        return set(range(t)) - set(chosen)
+
+    def _check_affordable(self, scheduler: "Scheduler", pricing: BudgetPricing, budget: int) -> None:
+        if pricing.base > budget:
+            raise SchedulerError(
+                f"Budget({budget}) is below the {pricing.base} bytes this model needs for this batch shape with "
+                f"every scheduled layer frozen; raise the budget to at least that, or shrink the batch")
+        if scheduler.max_frozen_steps is None:
+            return
+        unaffordable = [n for n in scheduler.layers if pricing.base + pricing.alone[n] > budget]
+        if unaffordable:
+            need = pricing.base + max(pricing.alone[n] for n in unaffordable)
+            more = len(unaffordable) - 4
+            shown = ", ".join(unaffordable[:4]) + (f" and {more} more" if more > 0 else "")
+            raise SchedulerError(
+                f"Budget({budget}) can never train {shown}: each alone needs more than the budget for this batch "
+                f"shape, so max_frozen_steps={scheduler.max_frozen_steps} cannot hold for it. Raise the budget to "
+                f"at least {need}, freeze those layers yourself before creating the Scheduler "
+                f"(param.requires_grad_(False)), or pass max_frozen_steps=None")
+
+    def _fill(self, scheduler: "Scheduler", pricing: BudgetPricing, budget: int, stale: list[int]) -> list[int]:
+        """The trained layers, in the order they were taken: greedy in rank order, then checked whole."""
+        layers = scheduler.layers
+        used = pricing.base
+        trained: set[str] = set()
+        order = stale + [i for i in scheduler.ranked_layers() if i not in set(stale)]
+        chosen: list[int] = []
+        for i in order:
+            name = layers[i]
+            cost = pricing.marginal(name, trained)
+            if used + cost <= budget:
+                used += cost
+                trained.add(name)
+                chosen.append(i)
+        # The marginal costs are exact for the plan's accounting except where training a
+        # layer changes which ops autograd records at all (a frozen prefix of the network):
+        # check the whole set once and drop the lowest-ranked layers until it fits.
+        frozen_names = set(layers) - trained
+        while chosen and pricing.total(frozen_names, scheduler.priced_optimizer()) > budget:
+            drop = chosen.pop()
+            trained.discard(layers[drop])
+            frozen_names.add(layers[drop])
+        return chosen
+
+    def _record_overrun(self, scheduler: "Scheduler", budget: int, stale: list[int], late: list[str]) -> None:
+        # Each stale layer fits alone, but not all of them at once: the most stale go first and the rest
+        # wait an iteration or more, past the bound.  Recorded, and said once.
+        scheduler.staleness_overruns.append((scheduler.iteration, tuple(late)))
+        if len(scheduler.staleness_overruns) == 1:
+            warnings.warn(
+                f"slimfit_fx.Scheduler: Budget({budget}) cannot train all {len(stale)} layers frozen for "
+                f"{scheduler.max_frozen_steps} iterations at once; {len(late)} wait longer (most stale first). "
+                "Raise the budget or max_frozen_steps; Scheduler.staleness_overruns lists every such iteration",
+                RuntimeWarning, stacklevel=4)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-@dataclass
-class _BudgetPricing:
-    """Exact marginal bytes of training one more layer, for one MemoryPlan.
-
-    ``base`` is the predicted total with every scheduled layer frozen.  A layer
-    alone adds ``alone[name]``; when another trained layer already keeps the
-    same dynamic input (Q/K/V), that input is subtracted (``shared``).
-    """
-
-    plan: Any
-    base: int
-    alone: dict[str, int]
-    shared: dict[str, list[tuple[int, frozenset]]] = field(default_factory=dict)
-
-    fixed_frozen: frozenset = frozenset()
-
-    @classmethod
-    def build(cls, plan, layers: list[str], fixed_frozen: set[str], optimizer: str) -> "_BudgetPricing":
-        """``fixed_frozen``: parameters frozen by the user (never scheduled, never trained)."""
-        known = plan.analysis.parameters
-        fixed_frozen = frozenset(n for n in fixed_frozen if n in known)
-        all_frozen = {n for n in layers if n in known} | fixed_frozen
-        base = plan.predict(frozen=all_frozen, optimizer=optimizer).total
-        alone = {}
-        for name in layers:  # a layer outside the plan (a head run eagerly around a captured backbone): unpriced
-            alone[name] = plan.predict(frozen=all_frozen - {name}, optimizer=optimizer).total - base \
-                if name in known else 0
-        a = plan.analysis
-        shared: dict[str, list[tuple[int, frozenset]]] = {name: [] for name in layers}
-        by_storage: dict[int, set[str]] = {}
-        static_storage: set[int] = set()
-        for use in a.uses:
-            if use.owners:
-                by_storage.setdefault(use.storage, set()).update(use.owners)
-            else:
-                static_storage.add(use.storage)
-        for sid, owners in by_storage.items():
-            if sid in static_storage:
-                continue  # kept whatever is frozen: already in base
-            if any(o not in shared and o not in fixed_frozen for o in owners):
-                continue  # an always-trained layer keeps it: already in base
-            owners = {o for o in owners if o in shared}
-            if len(owners) > 1:
-                for o in owners:
-                    shared[o].append((a.storages[sid].nbytes, frozenset(owners - {o})))
-        return cls(plan=plan, base=base, alone=alone, shared=shared, fixed_frozen=fixed_frozen)
-
-    def marginal(self, name: str, trained: set[str]) -> int:
-        cost = self.alone[name]
-        for nbytes, others in self.shared[name]:
-            if others & trained:
-                cost -= nbytes
-        return cost
-
-    def total(self, frozen: set[str], optimizer: str) -> int:
-        known = self.plan.analysis.parameters
-        return self.plan.predict(frozen={n for n in frozen if n in known} | self.fixed_frozen,
-                                 optimizer=optimizer).total
 
 
 def _newly_initialised(model: nn.Module, names: list[str], params: list) -> list[str]:
@@ -213,27 +267,63 @@ METRICS = {"capped_loss_drop": capped_loss_drop, "relative_change": relative_cha
 
 def _auto_bound(t: int, k: int | None) -> int:
     """The default staleness bound: four sweeps (a sweep is the ``ceil(t / (t - k))`` iterations a
-    Ratio schedule needs to train every layer once), at least 8 and at most 100 iterations; 100 under
-    a Budget.  The relative-change metric ranks a freshly initialised tensor (a LoRA ``B`` leaving zero)
-    far above a pretrained one whatever either learns; the bound keeps the others training."""
+    Ratio schedule needs to train every layer once), at least 8 and at most 100 iterations; 100 when
+    the policy freezes no fixed number ``k`` (a Budget).  The relative-change metric ranks a freshly
+    initialised tensor (a LoRA ``B`` leaving zero) far above a pretrained one whatever either learns;
+    the bound keeps the others training."""
     if k is None or t - k <= 0:
         return 100
     sweep = math.ceil(t / (t - k))
     return max(sweep - 1, min(100, max(8, 4 * sweep)))  # never below what the schedule can keep
 
 
+
+def _module_to_schedule(model) -> nn.Module:
+    """The module whose parameters are scheduled: ``model``, or the module a DDP/DataParallel wrapper holds."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Scheduler needs the nn.Module being trained, got {type(model).__name__}")
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _check_arguments(optimizer, policy, max_frozen_steps, eps, metric, nonfinite, include, exclude,
+                     frozen_state) -> None:
+    """Raise ``TypeError``/``ConfigError`` for a Scheduler argument that is wrong on its own."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"Scheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(policy, FreezePolicy):
+        raise ConfigError(f"policy must be slimfit_fx.Ratio(r) or slimfit_fx.Budget(bytes), got {policy!r} "
+                          "(or a subclass of slimfit_fx.scheduler.FreezePolicy)")
+    if max_frozen_steps not in (None, "auto") and (isinstance(max_frozen_steps, bool)
+                                                   or not isinstance(max_frozen_steps, int) or max_frozen_steps < 1):
+        raise ConfigError(f"max_frozen_steps={max_frozen_steps!r}: give a positive int, 'auto', or None for no bound")
+    if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+        raise ConfigError(f"eps={eps!r}: give a small positive float such as 1e-8")
+    if metric not in METRICS:
+        raise ConfigError(f"metric={metric!r}: choose one of {sorted(METRICS)}")
+    if nonfinite not in ("warn", "raise"):
+        raise ConfigError(f"nonfinite={nonfinite!r}: choose 'warn' or 'raise'")
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise ConfigError("include/exclude take a list of name patterns, e.g. exclude=['classifier.*']")
+    if frozen_state not in ("keep", "offload", "compress"):
+        raise ConfigError(f"frozen_state={frozen_state!r}: choose 'keep', 'offload' or 'compress'")
+
+
 class Scheduler:
     """Freeze and unfreeze weight tensors every iteration by their training dynamics.
 
     ``model``: the module being trained (``slimfit_fx.compile``'s result or a
-    plain ``nn.Module``); ``optimizer``: any ``torch.optim.Optimizer`` over its
-    parameters.  ``policy``: :class:`Ratio` or :class:`Budget`.
+    plain ``nn.Module``; a DDP/DataParallel wrapper schedules the module it wraps); ``optimizer``:
+    any ``torch.optim.Optimizer`` over its parameters.  ``policy``: :class:`Ratio`, :class:`Budget`
+    or a :class:`FreezePolicy` of your own.
 
     Which tensors take part: the SlimFit layers (every parameter of 2+ dims and
     every norm weight, as the paper defines them) that the optimizer updates and that
     require grad when the scheduler starts, minus ``exclude`` (fnmatch patterns
     on parameter names, e.g. ``"classifier.*"``: always trained) and, when
     ``include`` is given, restricted to names matching it.  Biases always train.
+    Parameters frozen before the scheduler starts stay frozen (``fixed_frozen``).
 
     ``max_frozen_steps``: no layer stays frozen for more than this many
     consecutive iterations (None turns the bound off; ``"auto"``, the default: four sweeps of the
@@ -245,10 +335,8 @@ class Scheduler:
     frozen, lossy).  ``metric``: how a trained layer is scored: ``"capped_loss_drop"`` (the default:
     ``-sum(grad * dW)``, the first-order loss decrease the step bought, a tensor of more than 2**20
     elements counted as that many), ``"loss_drop"`` (the same, uncapped) or ``"relative_change"`` (the
-    paper's mean ``|dW| / (|W| + eps)``, which under Adam ranks layers by ``1 / |W|``).  The default
-    holds full fine-tuning's accuracy at lr 5e-5 and 2e-4 where the paper's loses a point at 5e-5; it
-    trains a word embedding now and then, and the step peaks higher in those steps (docs/ACCURACY.md).
-    ``eps``: added to ``|W|`` in the paper's metric.  ``seed``: the
+    paper's mean ``|dW| / (|W| + eps)``, which under Adam ranks layers by ``1 / |W|``); docs/ACCURACY.md
+    compares them.  ``eps``: added to ``|W|`` in the paper's metric.  ``seed``: the
     random initial scores (the first iterations sweep all layers in random
     order).  ``record``: keep the frozen set of every iteration in ``history``.
     ``nonfinite``: ``"warn"`` (keep the layer's last score) or ``"raise"`` when a
@@ -257,6 +345,8 @@ class Scheduler:
     head, which nothing pretrained is in) always train, and are named in the log and in
     ``new_layers``; ``keep_new=False`` schedules them like any layer.
 
+    The policy's bytes, ``price()`` and ``predicted_bytes()`` price the optimizer's state: they need
+    an optimizer the memory model knows (AdamW, Adam, SGD); a Ratio policy alone prices nothing.
     Under ``torch.distributed`` rank 0 makes every decision and broadcasts it with
     its scores, so every rank freezes the same layers whatever its local seed or
     batch shape (see docs/DISTRIBUTED.md).
@@ -266,7 +356,7 @@ class Scheduler:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        policy: Ratio | Budget = Ratio(0.9),
+        policy: FreezePolicy = Ratio(0.9),
         *,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
@@ -279,26 +369,8 @@ class Scheduler:
         nonfinite: str = "warn",
         keep_new: bool = True,
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"Scheduler needs the nn.Module being trained, got {type(model).__name__}")
-        # DDP/DataParallel wrappers: schedule the module they wrap (same parameters).
-        while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Scheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(policy, (Ratio, Budget)):
-            raise ConfigError(f"policy must be slimfit_fx.Ratio(r) or slimfit_fx.Budget(bytes), got {policy!r}")
-        if max_frozen_steps not in (None, "auto") and (isinstance(max_frozen_steps, bool)
-                                                       or not isinstance(max_frozen_steps, int) or max_frozen_steps < 1):
-            raise ConfigError(f"max_frozen_steps={max_frozen_steps!r}: give a positive int, 'auto', or None for no bound")
-        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
-            raise ConfigError(f"eps={eps!r}: give a small positive float such as 1e-8")
-        if metric not in METRICS:
-            raise ConfigError(f"metric={metric!r}: choose one of {sorted(METRICS)}")
-        if nonfinite not in ("warn", "raise"):
-            raise ConfigError(f"nonfinite={nonfinite!r}: choose 'warn' or 'raise'")
-        if isinstance(include, str) or isinstance(exclude, str):
-            raise ConfigError("include/exclude take a list of name patterns, e.g. exclude=['classifier.*']")
+        model = _module_to_schedule(model)
+        _check_arguments(optimizer, policy, max_frozen_steps, eps, metric, nonfinite, include, exclude, frozen_state)
         self.model = model
         self.optimizer = optimizer
         self.policy = policy
@@ -309,81 +381,30 @@ class Scheduler:
         self.record = record
         self.seed = seed
         self.keep_new = keep_new
+        self.frozen_state = frozen_state
+        self._optimizer_name: str | None = None  # resolved when bytes are first priced
+        self._select(include, tuple(exclude))
+        self._bound_staleness()
+        self._set_up_state(seed)
+        self._start()
 
+    # ------------------------------------------------------------------ set-up
+    def _select(self, include, exclude) -> None:
+        """The scheduled layers, the layers kept trainable as new, and the parameters the user froze."""
         from .compiler import SlimFitModule  # late: compiler imports the passes and ops
 
         # The SlimFit module: the model itself, or one installed into it in place
         # (slimfit_fx.integrations.huggingface.compile_in_place).
-        self._slim = model if isinstance(model, SlimFitModule) else getattr(model, "_slimfit_module", None)
+        model = self.model
+        self._slim = model if isinstance(model, SlimFitModule) else getattr(model, IN_PLACE_ATTRIBUTE, None)
         self.compiled = self._slim is not None
-        self.layers, self.params = self._select_layers(include, tuple(exclude))
+        self.layers, self.params = self._select_layers(include, exclude)
         # Frozen by the user before the scheduler started: never scheduled, and frozen in every prediction.
         self._fixed_frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
         if not self.layers:
             raise SchedulerError("no layer to schedule: no 2+-dim or norm weight of the model is in the "
                                  "optimizer with requires_grad=True (check include/exclude)")
-        t = len(self.layers)
-        self.k = math.floor(float(policy.ratio) * t) if isinstance(policy, Ratio) else None
-        if max_frozen_steps == "auto":
-            max_frozen_steps = self.max_frozen_steps = _auto_bound(t, self.k)
-        if isinstance(policy, Ratio) and max_frozen_steps is not None:
-            slots = t - self.k
-            if slots == 0 or (max_frozen_steps + 1) * slots < t:
-                need = math.ceil(t / max(slots, 1)) - 1
-                raise ConfigError(
-                    f"max_frozen_steps={max_frozen_steps} cannot hold with {t - self.k} of {t} layers trained per "
-                    f"iteration: every layer must train once in {max_frozen_steps + 1} iterations; "
-                    f"use max_frozen_steps >= {need} or a lower ratio")
-        if frozen_state not in ("keep", "offload", "compress"):
-            raise ConfigError(f"frozen_state={frozen_state!r}: choose 'keep', 'offload' or 'compress'")
-        self._state_store = None
-        if frozen_state != "keep":
-            from .optim_state import FrozenStateStore
 
-            self._state_store = FrozenStateStore(optimizer, mode=frozen_state)
-        self.frozen_state = frozen_state
-
-        self._gen = torch.Generator().manual_seed(seed)
-        # Large random initial scores: untrained layers rank above any measured change,
-        # so the first iterations sweep through every layer in random order.
-        self.scores = 1e6 * (1.0 + torch.rand(t, generator=self._gen, dtype=torch.float64))
-        self.measured = torch.zeros(t, dtype=torch.bool)
-        self.frozen_for = torch.zeros(t, dtype=torch.long)  # consecutive iterations frozen
-        self.iteration = 0
-        self.history: list[tuple[int, tuple[str, ...]]] = []
-        self.nonfinite_events: list[tuple[int, str]] = []
-        self.unmeasured_events: list[tuple[int, str]] = []  # trained with a zero gradient: scored as unmeasured
-        self._zero_grad: set[int] = set()
-        self.staleness_overruns: list[tuple[int, tuple[str, ...]]] = []  # Budget: stale layers that had to wait
-        self._snapshots: dict[int, torch.Tensor] = {}
-        self._frozen: set[int] = set()
-        self._pricing: "OrderedDict[Any, _BudgetPricing]" = OrderedDict()
-        self._last_inputs: tuple | None = None
-        self._last_signature = None
-        self._redecided = False
-        self._optimizer_kind = _optimizer_kind(optimizer)
-        self._handles = []
-        # The batch shape prices layers (Budget) and feeds predicted_bytes() (any policy).
-        self._handles.append(model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True))
-        self._handles.append(optimizer.register_step_pre_hook(self._pre_step))
-        self._handles.append(optimizer.register_step_post_hook(self._post_step))
-        try:
-            if isinstance(policy, Ratio):
-                self._apply(self._decide())
-            elif self.compiled and self._slim.plan is not None:
-                # Priced for the example inputs until the first forward shows the real batch shape.
-                # Keyed by their shapes: a first batch shaped like them is not analysed again.
-                key = getattr(self._slim, "plan_signature", None) or "example inputs"
-                self._pricing[key] = _BudgetPricing.build(
-                    self._slim.plan, self.layers, self._fixed_frozen, self._optimizer_kind)
-                self._last_signature = key
-                self._apply(self._decide())
-        except BaseException:
-            self.remove()  # a scheduler that failed to start must not stay hooked into the model and optimizer
-            raise
-        # Otherwise a Budget's first frozen set needs the batch shape: it is chosen at the first forward.
-
-    # ------------------------------------------------------------------ set-up
     def _select_layers(self, include, exclude) -> tuple[list[str], list[nn.Parameter]]:
         in_optimizer = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         named = dict(self.model.named_parameters())
@@ -406,93 +427,96 @@ class Scheduler:
         keep = [i for i, n in enumerate(names) if n not in set(self.new_layers)]
         return [names[i] for i in keep], [params[i] for i in keep]
 
+    def _bound_staleness(self) -> None:
+        """``k`` and the staleness bound for this policy and these layers; the policy refuses what it cannot keep."""
+        self.k = self.policy.frozen_count(len(self.layers))
+        if self.max_frozen_steps == "auto":
+            self.max_frozen_steps = _auto_bound(len(self.layers), self.k)
+        self.policy.check(self)
+
+    def _set_up_state(self, seed: int) -> None:
+        """Scores, counters and records of a scheduler that has made no decision yet."""
+        self._state_store = None
+        if self.frozen_state != "keep":
+            from .optim_state import FrozenStateStore
+
+            self._state_store = FrozenStateStore(self.optimizer, mode=self.frozen_state)
+        t = len(self.layers)
+        self._gen = torch.Generator().manual_seed(seed)
+        # Large random initial scores: untrained layers rank above any measured change,
+        # so the first iterations sweep through every layer in random order.
+        self.scores = 1e6 * (1.0 + torch.rand(t, generator=self._gen, dtype=torch.float64))
+        self.measured = torch.zeros(t, dtype=torch.bool)
+        self.frozen_for = torch.zeros(t, dtype=torch.long)  # consecutive iterations frozen
+        self.iteration = 0
+        self.history: list[tuple[int, tuple[str, ...]]] = []
+        self.nonfinite_events: list[tuple[int, str]] = []
+        self.unmeasured_events: list[tuple[int, str]] = []  # trained with a zero gradient: scored as unmeasured
+        self._zero_grad: set[int] = set()
+        self.staleness_overruns: list[tuple[int, tuple[str, ...]]] = []  # Budget: stale layers that had to wait
+        self._snapshots: dict[int, torch.Tensor] = {}
+        self._frozen: set[int] = set()
+        self._pricing: "OrderedDict[Any, BudgetPricing]" = OrderedDict()
+        self._last_inputs: tuple | None = None
+        self._last_signature = None
+        self._redecided = False
+
+    def _start(self) -> None:
+        """Hook into the model and optimizer and make the first choice; unhooked again if that fails."""
+        # The batch shape prices layers (Budget) and feeds predicted_bytes() (any policy).
+        self._handles = [self.model.register_forward_pre_hook(self._remember_inputs, with_kwargs=True),
+                         self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
+        try:
+            if not self.policy.priced:
+                self._apply(self._decide())
+            elif self.compiled and self._slim.plan is not None:
+                # Priced for the example inputs until the first forward shows the real batch shape.
+                # Keyed by their shapes: a first batch shaped like them is not analysed again.
+                key = getattr(self._slim, "plan_signature", None) or "example inputs"
+                self._pricing[key] = BudgetPricing.build(
+                    self._slim.plan, self.layers, self._fixed_frozen, self.priced_optimizer())
+                self._last_signature = key
+                self._apply(self._decide())
+        except BaseException:
+            self.remove()  # a scheduler that failed to start must not stay hooked into the model and optimizer
+            raise
+        # Otherwise a priced policy's first frozen set needs the batch shape: it is chosen at the first forward.
+
     # ----------------------------------------------------------------- policy
-    def _stale(self) -> list[int]:
-        """Layers that must train next iteration, most stale first."""
+    def stale_layers(self) -> list[int]:
+        """Indices of the layers that must train next iteration to keep ``max_frozen_steps``, most stale first."""
         if self.max_frozen_steps is None:
             return []
         stale = [i for i in range(len(self.layers)) if self.frozen_for[i] >= self.max_frozen_steps]
         return sorted(stale, key=lambda i: (-int(self.frozen_for[i]), i))
 
-    def _by_score(self) -> list[int]:
+    def ranked_layers(self) -> list[int]:
         """Layer indices, highest score first (ties by index: deterministic)."""
-        order = sorted(range(len(self.layers)), key=lambda i: (-float(self.scores[i]), i))
-        return order
+        return sorted(range(len(self.layers)), key=lambda i: (-float(self.scores[i]), i))
 
-    def _choose(self) -> set[int]:
-        """The next frozen set (indices)."""
-        t = len(self.layers)
-        if isinstance(self.policy, Ratio):
-            trained_slots = t - self.k
-            trained: list[int] = self._stale()[:trained_slots]
-            for i in self._by_score():
-                if len(trained) >= trained_slots:
-                    break
-                if i not in trained:
-                    trained.append(i)
-            return set(range(t)) - set(trained)
-        return self._choose_budget()
-
-    def _choose_budget(self) -> set[int]:
-        pricing = self._budget_pricing()
-        budget = int(self.policy.bytes)
-        if pricing.base > budget:
-            raise SchedulerError(
-                f"Budget({budget}) is below the {pricing.base} bytes this model needs for this batch shape with "
-                f"every scheduled layer frozen; raise the budget to at least that, or shrink the batch")
-        t = len(self.layers)
-        if self.max_frozen_steps is not None:
-            unaffordable = [n for n in self.layers if pricing.base + pricing.alone[n] > budget]
-            if unaffordable:
-                need = pricing.base + max(pricing.alone[n] for n in unaffordable)
-                shown = ", ".join(unaffordable[:4]) + (f" and {len(unaffordable) - 4} more" if len(unaffordable) > 4 else "")
+    def priced_optimizer(self) -> str:
+        """The optimizer's name in ``memory.OPTIMIZERS``, which prices its state; ``SchedulerError`` if it has none."""
+        if self._optimizer_name is None:
+            try:
+                self._optimizer_name = resolve_optimizer(self.optimizer)[0]
+            except PlanError as e:
                 raise SchedulerError(
-                    f"Budget({budget}) can never train {shown}: each alone needs more than the budget for this batch "
-                    f"shape, so max_frozen_steps={self.max_frozen_steps} cannot hold for it. Raise the budget to at "
-                    f"least {need}, freeze those layers yourself before creating the Scheduler "
-                    f"(param.requires_grad_(False)), or pass max_frozen_steps=None")
-        used = pricing.base
-        trained: set[str] = set()
-        stale = self._stale()
-        order = stale + [i for i in self._by_score() if i not in set(stale)]
-        chosen: list[int] = []
-        for i in order:
-            name = self.layers[i]
-            cost = pricing.marginal(name, trained)
-            if used + cost <= budget:
-                used += cost
-                trained.add(name)
-                chosen.append(i)
-        # The marginal costs are exact for the plan's accounting except where training a
-        # layer changes which ops autograd records at all (a frozen prefix of the network):
-        # check the whole set once and drop the lowest-ranked layers until it fits.
-        frozen_names = {self.layers[i] for i in range(t)} - trained
-        while chosen and pricing.total(frozen_names, self._optimizer_kind) > budget:
-            drop = chosen.pop()
-            trained.discard(self.layers[drop])
-            frozen_names.add(self.layers[drop])
-        late = [self.layers[i] for i in stale if i not in set(chosen)]
-        if late:
-            # Each stale layer fits alone, but not all of them at once: the most stale go first and the rest
-            # wait an iteration or more, past the bound.  Recorded, and said once.
-            self.staleness_overruns.append((self.iteration, tuple(late)))
-            if len(self.staleness_overruns) == 1:
-                warnings.warn(
-                    f"slimfit_fx.Scheduler: Budget({budget}) cannot train all {len(stale)} layers frozen for "
-                    f"{self.max_frozen_steps} iterations at once; {len(late)} wait longer (most stale first). "
-                    "Raise the budget or max_frozen_steps; Scheduler.staleness_overruns lists every such iteration",
-                    RuntimeWarning, stacklevel=4)
-        return set(range(t)) - set(chosen)
+                    f"slimfit_fx.Scheduler cannot price the state of {type(self.optimizer).__name__} ({e}); a "
+                    "Budget policy, price() and predicted_bytes() need it. Train with torch.optim.AdamW, Adam or "
+                    "SGD, or use a Ratio policy, which prices nothing") from e
+        return self._optimizer_name
 
-    def _budget_pricing(self) -> _BudgetPricing:
+    def _budget_pricing(self) -> BudgetPricing:
         if self._last_inputs is None and self._last_signature not in self._pricing:
             raise SchedulerError("Budget needs the batch shape: run a forward pass of the model before the "
                                  "first optimizer step")
         key = self._last_signature
         pricing = self._pricing.get(key)
         if pricing is None:
+            optimizer = self.priced_optimizer()  # before the analysis: an optimizer it cannot price fails fast
             plan = self._plan_for(*self._last_inputs)
-            pricing = _BudgetPricing.build(plan, self.layers, self._fixed_frozen, self._optimizer_kind)
+            pricing = BudgetPricing.build(plan, self.layers, self._fixed_frozen, optimizer)
             self._pricing[key] = pricing
             while len(self._pricing) > 8:  # variable shapes: keep the latest few
                 self._pricing.popitem(last=False)
@@ -501,31 +525,27 @@ class Scheduler:
         return pricing
 
     def _plan_for(self, args: tuple, kwargs: dict):
+        """The MemoryPlan for a batch shaped like ``args``/``kwargs``, captured with every layer trainable."""
         from .compiler import analyze
 
         model = self._slim.original if self.compiled else self.model
         config = self._slim.slimfit_config if self.compiled else None
-        was_training = model.training
-        model.train()
-        try:
-            example = dict(kwargs) if not args else (tuple(args) if not kwargs else (tuple(args), dict(kwargs)))
-            requires = [p.requires_grad for p in self.params]
+        example = dict(kwargs) if not args else (tuple(args) if not kwargs else (tuple(args), dict(kwargs)))
+        sig = self._last_signature
+        precision = sig[-1] if isinstance(sig, tuple) else ()
+        if self.compiled:
+            precision = self._slim.__dict__.get("last_autocast", precision)
+        requires = [p.requires_grad for p in self.params]
+        with training_mode(model), autocast_enabled(precision):  # the batch's precision
             for p in self.params:  # the analysis prices every layer: capture with all of them trainable
                 p.requires_grad_(True)
             try:
-                sig = self._last_signature
-                precision = sig[-1] if isinstance(sig, tuple) else ()
                 if self.compiled:
-                    precision = self._slim.__dict__.get("last_autocast", precision)
-                with autocast_enabled(precision):  # the batch's precision
-                    if self.compiled:
-                        return self._slim.plan_for_call(tuple(args), dict(kwargs))
-                    return analyze(model, example, config)
+                    return self._slim.plan_for_call(tuple(args), dict(kwargs))
+                return analyze(model, example, config)
             finally:
                 for p, r in zip(self.params, requires):
                     p.requires_grad_(r)
-        finally:
-            model.train(was_training)
 
     def plan(self):
         """The MemoryPlan the budget policy prices layers with (latest batch shape), or None."""
@@ -537,17 +557,17 @@ class Scheduler:
     def _remember_inputs(self, module, args, kwargs):
         if not module.training or not torch.is_grad_enabled():
             return None
-        sig = _shape_signature(args, kwargs)
+        sig = input_signature(args, kwargs)
         if sig != self._last_signature:
             self._last_signature = sig
             self._last_inputs = (tuple(args), dict(kwargs))
-            if self.iteration == 0 and isinstance(self.policy, Budget) and not (
+            if self.iteration == 0 and self.policy.priced and not (
                     self._redecided and _distributed()):  # ranks must agree on how many decisions they make
                 # The first decision, now for the real batch shape (replaces one made for the example).
                 self._redecided = True
                 self.history.clear()
                 self.frozen_for.zero_()
-                self._apply(self._decide())  # first Budget decision, before this forward records anything
+                self._apply(self._decide())  # first priced decision, before this forward records anything
         return None
 
     def _pre_step(self, optimizer, args, kwargs):
@@ -625,11 +645,11 @@ class Scheduler:
         padding), must not make the ranks train different layers (DDP would average a layer's gradient
         into the ranks that froze it, and move it)."""
         if not _distributed():
-            return self._choose()
+            return self.policy.choose(self)
         import torch.distributed as dist
 
         t = len(self.layers)
-        frozen = self._choose() if dist.get_rank() == 0 else set()
+        frozen = self.policy.choose(self) if dist.get_rank() == 0 else set()
         mask = torch.zeros(t, dtype=torch.float64)
         mask[sorted(frozen)] = 1.0
         buf = torch.cat([self.scores, self.measured.to(torch.float64), mask])
@@ -669,11 +689,19 @@ class Scheduler:
 
     @property
     def trained(self) -> list[str]:
+        """Names of the layers trained in the next forward/backward."""
         return [self.layers[i] for i in range(len(self.layers)) if i not in self._frozen]
 
     @property
     def frozen_fraction(self) -> float:
+        """The fraction of the scheduled layers frozen now."""
         return len(self._frozen) / len(self.layers)
+
+    @property
+    def fixed_frozen(self) -> frozenset[str]:
+        """Names of the parameters the user froze before the scheduler started: never scheduled, and
+        frozen in every prediction."""
+        return frozenset(self._fixed_frozen)
 
     def predicted_bytes(self):
         """MemoryEstimate of the current frozen set for the latest batch shape; None before any
@@ -682,7 +710,7 @@ class Scheduler:
             return None
         plan = self._budget_pricing().plan
         return plan.predict(frozen=(set(self.frozen) | self._fixed_frozen) & set(plan.parameter_names),
-                            optimizer=self._optimizer_kind)
+                            optimizer=self.priced_optimizer())
 
     def price(self, example_inputs) -> None:
         """Analyse the model for inputs shaped like ``example_inputs`` so ``predicted_bytes()`` works
@@ -691,10 +719,11 @@ class Scheduler:
 
         inputs = normalize_inputs(example_inputs)
         self._last_inputs = (inputs.args, inputs.kwargs)
-        self._last_signature = _shape_signature(inputs.args, inputs.kwargs)
+        self._last_signature = input_signature(inputs.args, inputs.kwargs)
         self._budget_pricing()
 
     def summary(self) -> str:
+        """One line: the policy, how many layers are frozen, the bound, and what freezing saves on this model."""
         mode = ("slimfit_fx.compile: frozen layers keep no dynamic activations and pruned LayerNorm outputs"
                 if self.compiled else
                 "plain nn.Module: freezing saves only what PyTorch saves by itself (Linear inputs and weight "
@@ -709,6 +738,7 @@ class Scheduler:
 
     # ------------------------------------------------------------- persistence
     def state_dict(self) -> dict:
+        """What ``load_state_dict`` needs to continue the schedule exactly: scores, counters, history, RNG state."""
         return {
             "layers": list(self.layers),
             "policy": repr(self.policy),
@@ -725,6 +755,8 @@ class Scheduler:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s result and re-apply its frozen set; ``SchedulerError`` if it
+        was saved for other layers."""
         if list(state["layers"]) != self.layers:
             saved_new = list(state.get("new_layers", []))
             hint = "use the same model, include and exclude"

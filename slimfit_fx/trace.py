@@ -1,15 +1,10 @@
-"""Capture: ``nn.Module`` -> ATen-level training-IR ``torch.fx.GraphModule``.
+"""Capture: ``nn.Module`` + example inputs -> ATen training-IR ``torch.fx.GraphModule``.
 
-The capture goes through ``torch.export.export(..., strict=False)``: non-strict
-export runs the model's Python as is (HuggingFace forward signatures, config
-branches) and records ATen ops in training IR, which keeps ``aten.dropout`` and
-the composite ops (``linear``, ``layer_norm``, ``scaled_dot_product_attention``)
-that the analysis and the passes match.  Every tensor-valued node carries a
-FakeTensor in ``node.meta["val"]`` (shape, dtype, strides and storage aliasing).
-
-The returned module *is* backed by the user's parameters and buffers: the same
-``nn.Parameter`` objects, so ``requires_grad`` flips made on the user's model
-are seen by the graph, and nothing is copied.
+Takes a model and one call's inputs.  Gives the graph non-strict ``torch.export`` records in the
+model's current mode (a FakeTensor in every tensor node's ``meta["val"]``), held by the model's own
+parameter and buffer objects; and the helpers the compiler shares with it: call signatures, train
+mode, the HuggingFace adjustments a capture needs.
+Never copies a parameter, and never leaves the model changed (mode, config, forward) once it returns.
 """
 from __future__ import annotations
 
@@ -28,7 +23,12 @@ from torch import fx, nn
 
 from .precision import autocast_state, materialize_autocast
 
-__all__ = ["TraceError", "trace", "normalize_inputs", "Inputs", "call_by_name", "inputs_of"]
+__all__ = ["TraceError", "trace", "normalize_inputs", "Inputs", "call_by_name", "inputs_of", "input_signature",
+           "training_mode", "share_model_tensors", "class_forward", "no_kv_cache",
+           "hf_eager_mask_decisions", "instance_forwards", "IN_PLACE_ATTRIBUTE"]
+
+# The attribute ``compiler.compile_in_place`` sets on a model: its SlimFitModule.
+IN_PLACE_ATTRIBUTE = "_slimfit_module"
 
 
 class TraceError(RuntimeError):
@@ -43,6 +43,7 @@ class Inputs:
     kwargs: dict
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensor arguments by name (``arg<i>`` for positional ones)."""
         named = {f"arg{i}": a for i, a in enumerate(self.args)}
         named.update(self.kwargs)
         return {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
@@ -64,15 +65,54 @@ def normalize_inputs(example_inputs: Any) -> Inputs:
     )
 
 
-def shape_signature(args: tuple, kwargs: dict) -> tuple:
-    """Shapes and dtypes of a call's tensor arguments (types of the rest) and the autocast state:
-    what a memory plan depends on."""
-    def sig(v):
-        if isinstance(v, torch.Tensor):
-            return ("t", tuple(v.shape), v.dtype)
-        return ("v", type(v).__name__)
+def _structure_of(value) -> tuple:
+    """A tensor's rank, dtype and device type (a symbolic graph's sizes vary), a constant's value."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dim(), value.dtype, value.device.type)
+    if isinstance(value, (int, float, bool, str, type(None))):
+        return ("const", value)
+    return ("other", type(value).__name__)
 
-    return tuple(sig(a) for a in args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())), autocast_state()
+
+def _shape_of(value) -> tuple:
+    """A tensor's shape and dtype, the type of anything else: what a memory plan depends on."""
+    if isinstance(value, torch.Tensor):
+        return ("t", tuple(value.shape), value.dtype)
+    return ("v", type(value).__name__)
+
+
+def _identity_of(value) -> tuple:
+    """A parameter by identity, another tensor by its metadata and ``requires_grad``, a number by value."""
+    if isinstance(value, nn.Parameter):
+        return ("param", id(value), value.dtype, tuple(value.shape))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, tuple(value.shape), value.requires_grad)
+    return ("value", type(value).__name__, value if isinstance(value, (int, float, bool)) else None)
+
+
+_DESCRIBE = {"shapes": _shape_of, "structure": _structure_of, "identity": _identity_of}
+
+
+def input_signature(args, kwargs: dict | None = None, *, by: str = "shapes", autocast: bool = True) -> tuple:
+    """A hashable key of a call's inputs, each described ``by``: ``"shapes"`` (a memory plan's key),
+    ``"structure"`` (a symbolic graph's key) or ``"identity"`` (parameters by identity: a dynamo graph's
+    inputs across frozen sets); with ``autocast``, the ambient autocast state last."""
+    describe = _DESCRIBE[by]
+    signature = (tuple(describe(a) for a in args), tuple(sorted((k, describe(v)) for k, v in (kwargs or {}).items())))
+    return signature + (autocast_state(),) if autocast else signature
+
+
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module):
+    """``model`` in training mode for the length of the block, its own mode restored after."""
+    was_training = model.training
+    model.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def _wants_no_cache(model: nn.Module, inputs: Inputs) -> bool:
@@ -165,6 +205,7 @@ class _ExplicitKwargs(nn.Module):
 
     @classmethod
     def wrap_if_needed(cls, model: nn.Module, inputs: "Inputs") -> nn.Module:
+        """The stand-in when a keyword of ``inputs`` lands in the forward's ``**kwargs``, else ``model``."""
         params = inspect.signature(model.forward).parameters
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             return model
@@ -210,6 +251,21 @@ def _first_line(exc: BaseException) -> str:
     return msg[0] if msg else type(exc).__name__
 
 
+def _capture_error(model: nn.Module, exc: BaseException, printed: str, verbose: bool) -> TraceError:
+    """The ``TraceError`` of a failed capture: the model class, the failing construct and what to try."""
+    if verbose:  # a failed export prints the partial graph (thousands of lines): shown only when asked for
+        sys.stderr.write(printed)
+    lines = [f"could not capture {type(model).__name__} as a graph: {type(exc).__name__}: {_first_line(exc)}"]
+    where = _user_frame(exc)
+    if where:
+        lines.append(f"  failing construct: {where}")
+    lines += [f"  try: {h}" for h in _hints(model, exc)]
+    if printed and not verbose:
+        lines.append(f"  (torch printed {len(printed.splitlines())} lines while capturing; trace(..., "
+                     "verbose=True) or SLIMFIT_VERBOSE=1 shows them)")
+    return TraceError("\n".join(lines))
+
+
 def trace(
     model: nn.Module,
     example_inputs: Any,
@@ -242,29 +298,15 @@ def trace(
     verbose = verbose or os.environ.get("SLIMFIT_VERBOSE", "") not in ("", "0")
     torch_output = io.StringIO()
     try:
-        with _hf_eager_mask_decisions(), _no_kv_cache(model, inputs), _class_forward(model), \
+        with hf_eager_mask_decisions(), no_kv_cache(model, inputs), class_forward(model), \
                 contextlib.redirect_stdout(torch_output), contextlib.redirect_stderr(torch_output):
             ep = torch.export.export(target, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
         gm = ep.module()
     except Exception as exc:  # noqa: BLE001 - every capture failure gets the same treatment
-        # A failed export prints the partial graph (thousands of lines): shown only when asked for.
-        printed = torch_output.getvalue()
-        if verbose:
-            sys.stderr.write(printed)
-        where = _user_frame(exc)
-        lines = [
-            f"could not capture {type(model).__name__} as a graph: {type(exc).__name__}: {_first_line(exc)}",
-        ]
-        if where:
-            lines.append(f"  failing construct: {where}")
-        lines += [f"  try: {h}" for h in _hints(model, exc)]
-        if printed and not verbose:
-            lines.append(f"  (torch printed {len(printed.splitlines())} lines while capturing; trace(..., "
-                         "verbose=True) or SLIMFIT_VERBOSE=1 shows them)")
-        raise TraceError("\n".join(lines)) from exc
+        raise _capture_error(model, exc, torch_output.getvalue(), verbose) from exc
     sys.stderr.write(torch_output.getvalue())  # warnings of a capture that worked stay visible
 
-    _share_with_model(gm, model)
+    share_model_tensors(gm, model)
     materialize_autocast(gm, autocast)
     gm.meta["training"] = model.training
     gm.meta["example_inputs"] = inputs
@@ -278,10 +320,10 @@ def trace(
 
 
 @contextlib.contextmanager
-def _class_forward(model: nn.Module):
+def class_forward(model: nn.Module):
     """Capture the model's own forward, not one that compile_in_place installed on the instance."""
     installed = model.__dict__.get("forward")
-    if installed is not None and not ("_slimfit_module" in model.__dict__
+    if installed is not None and not (IN_PLACE_ATTRIBUTE in model.__dict__
                                       or getattr(installed, "__slimfit_router__", False)):
         installed = None  # a forward the user installed: captured as it is
     if installed is None:
@@ -295,7 +337,7 @@ def _class_forward(model: nn.Module):
 
 
 @contextlib.contextmanager
-def _no_kv_cache(model: nn.Module, inputs: Inputs):
+def no_kv_cache(model: nn.Module, inputs: Inputs):
     """Capture HF decoders with ``use_cache`` off: training needs no KV cache, and a cache object in
     the outputs cannot be exported.  Set on the configs rather than passed as an argument, so the graph
     keeps the forward signature the user calls; on every config the model's modules hold (an
@@ -315,7 +357,7 @@ def _no_kv_cache(model: nn.Module, inputs: Inputs):
 
 
 @contextlib.contextmanager
-def _hf_eager_mask_decisions():
+def hf_eager_mask_decisions():
     """Let HF skip an attention mask under export exactly when eager skips it without data.
 
     Under ``torch.export`` transformers' masking_utils always materialises the
@@ -360,8 +402,25 @@ def _hf_eager_mask_decisions():
         mu.is_torchdynamo_exporting = exporting
 
 
+@contextlib.contextmanager
+def instance_forwards(forwards: list[tuple[nn.Module, Any]]):
+    """Give each module its instance ``forward`` of ``forwards`` for the length of the block, then put
+    back what its instance had (nothing: the class's forward again)."""
+    previous = [(module, module.__dict__.get("forward")) for module, _ in forwards]
+    for module, forward in forwards:
+        object.__setattr__(module, "forward", forward)
+    try:
+        yield
+    finally:
+        for module, forward in previous:
+            if forward is None:
+                del module.__dict__["forward"]
+            else:
+                object.__setattr__(module, "forward", forward)
+
+
 class _Stop(Exception):
-    pass
+    """Cuts a call short once ``inputs_of`` has seen what it wanted."""
 
 
 def call_by_name(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -411,7 +470,7 @@ def inputs_of(submodule: nn.Module, model: nn.Module, args: tuple, kwargs: dict)
     return seen[0] if seen else None
 
 
-def _share_with_model(gm: fx.GraphModule, model: nn.Module) -> None:
+def share_model_tensors(gm: fx.GraphModule, model: nn.Module) -> None:
     """Make the graph hold the very Parameter/buffer objects of ``model`` (no copies)."""
     originals = dict(model.named_parameters(remove_duplicate=False))
     originals.update(dict(model.named_buffers(remove_duplicate=False)))
@@ -428,8 +487,3 @@ def _share_with_model(gm: fx.GraphModule, model: nn.Module) -> None:
         else:
             owner._buffers[attr] = orig
 
-
-def node_tensor(node: fx.Node) -> torch.Tensor | None:
-    """The FakeTensor recorded for a node, or None when it is not tensor-valued."""
-    val = node.meta.get("val")
-    return val if isinstance(val, torch.Tensor) else None

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from families import FAMILIES
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
 from slimfit_fx.measure import saved_bytes
-from families import FAMILIES
 
 
 @dataclass
@@ -141,7 +141,7 @@ def measure(name: str, blocks: str | None = None) -> Conformance:
     freeze(model, set())
     if slim.backbone is None:  # a backbone-only capture is analysed at the captured shape (the plan)
         for label, shape in small_shapes(inputs).items():
-            measured = saved_bytes(lambda: loss_of(slim, shape), params=model)
+            measured = saved_bytes(lambda shape=shape: loss_of(slim, shape), params=model)
             plan = (slimfit_fx.analyze(model, shape, SlimFitConfig()) if blocks is None
                     else slim.plan_for_call((), shape))
             result.predictions[label] = (plan.predict().activations, measured)

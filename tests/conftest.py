@@ -1,6 +1,7 @@
 """Tiny HuggingFace configs of every supported family, with realistic inputs
 (attention masks with padding, labels so the loss is inside the graph)."""
 import os
+import sys
 
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # Under `pytest -n N` the cores are shared among N workers (and the processes they spawn):
@@ -28,7 +29,10 @@ def load_tool(name: str):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    if str(tools) not in sys.path:  # what running a tool as a script gives it: its siblings (common, tasks)
+        sys.path.append(str(tools))
+    path = tools / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

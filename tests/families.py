@@ -152,8 +152,8 @@ def make_clip_vision():
 
 
 def make_convnext():
-    cfg = _tf("ConvNextConfig")(image_size=32, num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3, num_stages=2,
-                                patch_size=2)
+    cfg = _tf("ConvNextConfig")(image_size=32, num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+                                num_stages=2, patch_size=2)
     return _tf("ConvNextForImageClassification")(cfg), _image()
 
 

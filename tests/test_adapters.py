@@ -3,10 +3,10 @@ import collections
 
 import pytest
 import torch
+from conftest import make_bert
 
 import slimfit_fx
 from slimfit_fx.measure import saved_bytes
-from conftest import make_bert
 
 peft = pytest.importorskip("peft")  # in the test extra
 

@@ -5,11 +5,11 @@ import random
 import networkx as nx
 import pytest
 import torch
+from conftest import call, make_bert, make_gpt2, make_vit
 
 import slimfit_fx
 from slimfit_fx import PlanError, SlimFitConfig
 from slimfit_fx.measure import saved_bytes
-from conftest import call, make_bert, make_gpt2, make_vit
 
 
 def _patterns(plan, model):
@@ -122,7 +122,7 @@ def test_predict_fields_and_optimizers():
     assert adamw.total == (adamw.parameters + adamw.buffers + adamw.gradients + adamw.optimizer_state
                            + adamw.activations)
     for field in ("parameters", "gradients", "optimizer_state", "static_activations", "dynamic_activations"):
-        assert sum(getattr(l, field) for l in adamw.per_layer.values()) == getattr(adamw, field), field
+        assert sum(getattr(layer, field) for layer in adamw.per_layer.values()) == getattr(adamw, field), field
     assert all(isinstance(v, int) for v in adamw.to_dict(per_layer=False).values() if not isinstance(v, dict))
 
 
@@ -168,7 +168,7 @@ def test_slimfit_formats_are_priced_as_specified():
     assert "dropout_mask" not in slim.by_role and plain.by_role["dropout_mask"] > 0
     # Trainable LayerNorms keep their full input; frozen ones the top 10% (values + int16 indices).
     assert "layernorm_pruned" not in slim.by_role
-    ln_weights = [l for l in slim_plan.layers if "LayerNorm" in l]
+    ln_weights = [name for name in slim_plan.layers if "LayerNorm" in name]
     frozen = slim_plan.predict(set(ln_weights))
     rows = b * n
     k = math.ceil(0.1 * h)

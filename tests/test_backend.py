@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import FAMILIES, make_bert, make_custom
 from torch._dynamo.utils import counters
 
 import slimfit_fx
@@ -21,7 +22,6 @@ from slimfit_fx import SlimFitConfig
 from slimfit_fx.analysis import layer_parameters
 from slimfit_fx.integrations.dynamo import CompiledSlimFitModule
 from slimfit_fx.measure import saved_bytes
-from conftest import FAMILIES, make_bert, make_custom
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,3 +295,21 @@ def test_without_the_guard_filter_each_frozen_set_recompiles_and_the_backend_say
             compiled(*inputs).backward()
     assert counters["stats"]["unique_graphs"] == 3
     assert any("guard_filter" in str(w.message) for w in caught)
+
+
+def test_requires_grad_patterns_are_forgotten_with_their_parameters():
+    # The recompile warning's memory names parameters by id: a freed parameter's entry must go, or a new
+    # parameter made at its address would inherit its patterns (a false warning) and the entries pile up.
+    import gc
+
+    from slimfit_fx.integrations import dynamo
+    from slimfit_fx.trace import input_signature
+
+    param = torch.nn.Parameter(torch.ones(3))
+    inputs = [param, torch.ones(2)]
+    signature = input_signature(inputs, by="identity", autocast=False)
+    dynamo.SlimFitBackend()._warn_on_requires_grad_recompile(inputs)
+    assert signature in dynamo._SEEN
+    del param, inputs
+    gc.collect()
+    assert signature not in dynamo._SEEN

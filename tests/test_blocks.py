@@ -9,14 +9,13 @@ import warnings
 import pytest
 import torch
 import transformers
+from conformance import loss_of, measure
+from families import FAMILIES
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
 from slimfit_fx.blocks import find_stacks, kind_of
 from slimfit_fx.measure import saved_bytes
-
-from conformance import loss_of, measure
-from families import FAMILIES
 
 # One per architecture the blockwise path handles differently: encoder, decoder with rotary and GQA,
 # alternating sliding/global layers (two kinds), GPT-2's Conv1D, a vision encoder, a backbone-only capture.
@@ -145,7 +144,7 @@ def _checkpoint_runs(name, config):
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad(set_to_none=True)
-        measured = saved_bytes(lambda: loss_of(slim, inputs), params=model)
+        measured = saved_bytes(lambda slim=slim: loss_of(slim, inputs), params=model)
         assert slim.plan.predict().activations == measured
         runs[checkpoint] = (loss.detach(), grads, measured)
     return runs[None], runs["all"]

@@ -4,12 +4,12 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAMILIES, make_bert, make_gpt2, make_vit
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
 from slimfit_fx.compiler import compile_in_place
 from slimfit_fx.measure import saved_bytes
-from conftest import FAMILIES, call, make_bert, make_gpt2, make_vit
 
 
 def _eager_then_compiled(family_name, config, seed=7):

@@ -6,14 +6,13 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from families import FAMILIES
 from torch import nn
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
 from slimfit_fx.analysis import layer_parameters
 from slimfit_fx.measure import saved_bytes, saved_tensors
-
-from families import FAMILIES
 
 DECODERS = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gpt2", "opt", "gpt-neox"]
 

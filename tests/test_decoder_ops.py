@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from slimfit_fx import QuantFormat
-from slimfit_fx.ops._saved import fmt_to_args
 from slimfit_fx.ops.attention_eager import eager_attention_quantized
 from slimfit_fx.ops.attention_fused import attention_fused_quantized
 from slimfit_fx.ops.cross_entropy import linear_cross_entropy
 from slimfit_fx.ops.glu import glu
 from slimfit_fx.ops.rmsnorm import rms_norm
+from slimfit_fx.ops.saved import fmt_to_args
 
 INT8 = fmt_to_args(QuantFormat.minmax(8))
 INT4 = fmt_to_args(QuantFormat.minmax(4))
@@ -46,7 +46,8 @@ def _grads(out, inputs, g):
 def test_rms_norm_matches_eager(dtype, shape, gemma, state):
     torch.manual_seed(0)
     x = torch.randn(shape, dtype=dtype, requires_grad=True)
-    w = (torch.randn(shape[-1], dtype=dtype) * 0.1 + (0 if gemma else 1)).requires_grad_(state in ("trainable", "exact"))
+    w = torch.randn(shape[-1], dtype=dtype) * 0.1 + (0 if gemma else 1)
+    w.requires_grad_(state in ("trainable", "exact"))
     ref = (gemma_rms if gemma else llama_rms)(x, w, 1e-6)
     xf = x.float()
     offset, w_dtype, y_dtype = (1.0, torch.float32, None) if gemma else (None, None, dtype)
@@ -58,7 +59,8 @@ def test_rms_norm_matches_eager(dtype, shape, gemma, state):
     got, want = _grads(out, [x, w], g), _grads(ref, [x, w], g)
     for a, b in zip(got, want):
         if state == "exact":
-            torch.testing.assert_close(a, b, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+            bf16 = dtype == torch.bfloat16
+            torch.testing.assert_close(a, b, rtol=2e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-5)
         else:
             # pruned to the top 10%: 0.962 at worst here; quantized to 8 bits: 0.99997
             assert cosine(a, b) > (0.95 if state == "frozen" else 0.9995)

@@ -18,11 +18,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import make_bert
 
 import slimfit_fx
 from slimfit_fx.integrations.distributed import DDP_KWARGS, DistributedConfigError, check_ddp, ddp_kwargs, wrap_ddp
-
-from conftest import make_bert
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")

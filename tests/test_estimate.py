@@ -5,11 +5,23 @@ import time
 
 import pytest
 import torch
-
 from conftest import load_tool
+
 from slimfit_fx import SlimFitConfig, analyze, cli, models
-from slimfit_fx.estimate import (CATEGORIES, PLAIN, PLAIN_CKPT, SLIM, SLIM_CKPT, EstimateError, _sharded_bytes,
-                                 check_world_size, estimate, frozen_per_block, plot, predict_at_depth)
+from slimfit_fx.estimate import (
+    CATEGORIES,
+    PLAIN,
+    PLAIN_CKPT,
+    SLIM,
+    SLIM_CKPT,
+    EstimateError,
+    _sharded_bytes,
+    check_world_size,
+    estimate,
+    frozen_per_block,
+    plot,
+    predict_at_depth,
+)
 
 # A LLaMA of 8 small blocks: deep enough that extrapolating from 1 and 2 blocks is a real test.
 LLAMA_8 = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, intermediate_size=192,

@@ -8,9 +8,17 @@ from torch import nn
 
 import slimfit_fx
 from slimfit_fx import ConfigError, SlimFitConfig
-from slimfit_fx.extend import (Fusion, Save, find_fusions, pipeline, register_pass, register_pattern,
-                               register_rule, unregister)
 from slimfit_fx.analysis import op_key
+from slimfit_fx.extend import (
+    Fusion,
+    Save,
+    find_fusions,
+    pipeline,
+    register_pass,
+    register_pattern,
+    register_rule,
+    unregister,
+)
 from slimfit_fx.measure import saved_bytes
 
 

@@ -14,10 +14,10 @@ import os
 
 import pytest
 import torch
-
-from slimfit_fx import Ratio, Scheduler
 from conformance import freeze, loss_of, measure
 from families import FAMILIES, HEAVY
+
+from slimfit_fx import Ratio, Scheduler
 
 HEAVY_ON = os.environ.get("SLIMFIT_HEAVY_TESTS", "") not in ("", "0")
 NAMES = [pytest.param(n, marks=pytest.mark.skipif(n in HEAVY and not HEAVY_ON, reason="heavy: SLIMFIT_HEAVY_TESTS=1"))

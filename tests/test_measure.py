@@ -49,7 +49,10 @@ def test_saved_bytes_mlp_hand_computed():
     #             mat2 = W2.t() (a parameter view: excluded)
     #   square:   pow(out, 2) saves out;  mean saves only sizes
     expected = X + H + OUT  # 14336
-    fn = lambda: model(x).square().mean()
+
+    def fn():
+        return model(x).square().mean()
+
     assert M.saved_bytes(fn) == expected  # params=None: W2.t() has a Parameter _base
     assert M.saved_bytes(fn, model) == expected
     # Excluding nothing shows the W2.t() storage that the default leaves out.
@@ -282,9 +285,29 @@ def test_no_leak_of_step_tensors():
     assert [r() for r in refs] == [None, None]  # without gc.collect(): no cycle holds them
     # the measurement does not keep the model's tensors alive either
     wp = weakref.ref(model[0].weight)
-    del model, opt, step
+    model = opt = step = None  # drop the test's own references (the closure's cells too)
     gc.collect()
     assert wp() is None
+
+
+def test_a_step_can_watch_its_own_measurement():
+    model, x = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    live_after_op, found = [], {}
+
+    def step():
+        tracker = M.running_tracker()
+        with tracker.watch(lambda op, outputs: live_after_op.append(tracker.current)):
+            model(x).sum().backward()
+            opt.step()
+        found["weight"] = [e.role for e in tracker.entries(model[0].weight)]
+        found["peak_set"] = sum(nbytes for _, nbytes in tracker.peak_set())
+
+    pm = M.peak_bytes(step, model=model, optimizer=opt, tensors=[x])
+    assert max(live_after_op) == pm.peak  # the watcher sees the peak right after the op that made it
+    assert found == {"weight": ["parameters"], "peak_set": pm.peak}
+    with pytest.raises(RuntimeError, match="no peak_bytes"):
+        M.running_tracker()
 
 
 def test_fmt_bytes():

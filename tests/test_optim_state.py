@@ -191,7 +191,9 @@ def test_offload_while_frozen_state_is_host_resident():
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_offload_exact_with_amsgrad_and_foreach(amsgrad):
-    make = lambda ps: adamw(ps, amsgrad=amsgrad, foreach=True)
+    def make(ps):
+        return adamw(ps, amsgrad=amsgrad, foreach=True)
+
     ref = Run(None, make).run(rotating, 8)
     off = Run("offload", make).run(rotating, 8)
     assert _equal(off.params(), ref.params())

@@ -18,11 +18,11 @@ import random
 
 import pytest
 import torch
+from conftest import call, make_bert, make_gpt2, make_vit
 
 import slimfit_fx
 from slimfit_fx import PlanError, SlimFitConfig
 from slimfit_fx.measure import peak_bytes
-from conftest import call, make_bert, make_gpt2, make_vit
 
 TINY_TOLERANCE = 0.15
 SMALL_TOLERANCE = 0.06

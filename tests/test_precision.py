@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAMILIES, call
 
 import slimfit_fx
 from slimfit_fx import SlimFitConfig
 from slimfit_fx.measure import saved_bytes
 from slimfit_fx.precision import autocast_state
-from conftest import FAMILIES, call
 
 PRECISIONS = ["bf16-autocast", "bf16-model"]
 
@@ -109,7 +109,7 @@ def test_analyze_under_autocast_predicts_the_saved_bytes(name, config):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plan = slimfit_fx.analyze(model, inputs, config)
         module = model if config is None else slimfit_fx.compile(model, inputs, config)
-        measured = saved_bytes(lambda: call(module, inputs), params=model)
+        measured = saved_bytes(lambda module=module: call(module, inputs), params=model)
     predicted = plan.predict().activations
     assert abs(predicted - measured) <= 0.01 * measured, (predicted, measured)
     assert predicted == measured  # the aim: to the byte
@@ -123,7 +123,7 @@ def test_bf16_model_prediction_counts_what_cpu_kernels_keep(name):
     model, inputs = _setup(name, "bf16-model")
     for config in (None, SlimFitConfig()):
         module = model if config is None else slimfit_fx.compile(model, inputs, config)
-        measured = saved_bytes(lambda: call(module, inputs), params=model)
+        measured = saved_bytes(lambda module=module: call(module, inputs), params=model)
         assert slimfit_fx.analyze(model, inputs, config).predict().activations == measured
 
 

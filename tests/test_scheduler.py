@@ -5,12 +5,11 @@ import random
 
 import pytest
 import torch
+from conftest import make_bert, make_gpt2, make_vit
 
 import slimfit_fx
 from slimfit_fx import Budget, ConfigError, Ratio, Scheduler, SchedulerError
 from slimfit_fx.measure import saved_bytes
-
-from conftest import make_bert, make_gpt2, make_vit
 
 
 def _bert_no_dropout():
@@ -419,8 +418,9 @@ def test_budget_too_tight_for_all_stale_layers_at_once_records_the_overrun():
 def test_a_new_head_of_a_pretrained_model_always_trains(caplog):
     import logging
 
-    from slimfit_fx import tasks
+    from conftest import load_tool
 
+    tasks = load_tool("tasks")
     model = tasks.load_minilm_classifier(seed=0)  # pretrained, with a new classification head
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     with caplog.at_level(logging.INFO, logger="slimfit_fx"):
@@ -439,14 +439,22 @@ def test_a_new_head_of_a_pretrained_model_always_trains(caplog):
     assert plain.new_layers == [] and "classifier.weight" in plain.layers
 
 
-def test_the_default_staleness_bound_is_four_sweeps():
-    from slimfit_fx.scheduler import _auto_bound
+def _linear_stack(t):
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(t)])
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
 
-    assert _auto_bound(102, 91) == 40  # BERT-base at Ratio(0.9): a sweep is 10 iterations
-    assert _auto_bound(8, 4) == 8  # a minimum of 8
-    assert _auto_bound(1000, 990) == 100  # a maximum of 100
-    assert _auto_bound(102, None) == 100  # Budget
-    assert _auto_bound(1000, 999) == 999  # one layer trains per iteration: none can wait less
+
+def test_the_default_staleness_bound_is_four_sweeps():
+    def bound(t, policy):
+        sched = Scheduler(*_linear_stack(t), policy)
+        sched.remove()
+        return sched.max_frozen_steps
+
+    assert bound(102, Ratio(0.9)) == 40  # BERT-base's 102 layers at Ratio(0.9): a sweep is 10 iterations
+    assert bound(8, Ratio(0.5)) == 8  # a minimum of 8
+    assert bound(1000, Ratio(0.99)) == 100  # a maximum of 100
+    assert bound(102, Budget(10**9)) == 100  # Budget
+    assert bound(1000, Ratio(0.999)) == 999  # one layer trains per iteration: none can wait less
 
 
 def test_the_default_staleness_bound_holds_at_any_ratio():
@@ -520,3 +528,75 @@ def test_the_default_metric_caps_a_large_tensor_and_ignores_the_weights_scale():
 
     assert scored(relative_change, 10) < scored(relative_change, 1) / 5
     assert scored(METRICS["capped_loss_drop"], 10) == pytest.approx(scored(capped_loss_drop, 1), rel=1e-3)
+
+
+def test_a_ratio_scheduler_runs_with_an_optimizer_the_memory_model_cannot_price():
+    model, opt = _linear_stack(4)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    sched = Scheduler(model, opt, Ratio(0.5))
+    for _ in range(3):
+        model(torch.randn(3, 2)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert len(sched.history) == 4 and all(len(frozen) == 2 for _, frozen in sched.history)
+    with pytest.raises(SchedulerError, match="cannot price the state of Adagrad"):
+        sched.predicted_bytes()  # pricing bytes, and only that, needs a known optimizer
+
+
+def test_a_budget_with_an_optimizer_the_memory_model_cannot_price_fails_at_construction():
+    model, _ = _linear_stack(4)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    with pytest.raises(SchedulerError, match=r"Adagrad.*AdamW, Adam or SGD, or use a Ratio policy"):
+        Scheduler(model, opt, Budget(10**9))
+    assert not model._forward_pre_hooks and all(p.requires_grad for p in model.parameters())
+
+
+def test_a_subclass_of_a_known_optimizer_is_priced_as_its_base():
+    class LoggingAdamW(torch.optim.AdamW):
+        pass
+
+    model, _ = _linear_stack(4)
+    sched = Scheduler(model, LoggingAdamW(model.parameters(), lr=0.1), Budget(10**9))
+    assert sched.priced_optimizer() == "adamw"
+    sched.remove()
+
+
+def test_adam_and_adamw_budgets_price_the_same_state():
+    model, x = _bert_no_dropout()
+    module = slimfit_fx.compile(model, x)
+    budget = Budget(_budget_for_ratio(module.plan, 0.9))
+    histories = []
+    for make in (torch.optim.AdamW, torch.optim.Adam):
+        opt = make(module.parameters(), lr=0)  # lr 0: the weights, so the scores, are the same in both runs
+        sched = Scheduler(module, opt, budget)
+        _train(module, opt, x, 2)
+        histories.append((list(sched.history), sched.predicted_bytes().total))
+        sched.remove()
+    assert sched.priced_optimizer() == "adam" and histories[0] == histories[1]
+
+
+def test_fixed_frozen_names_the_parameters_the_user_froze():
+    model, opt = _linear_stack(3)
+    model[0].weight.requires_grad_(False)
+    sched = Scheduler(model, opt, Ratio(0.0))
+    assert sched.fixed_frozen == frozenset({"0.weight"}) and "0.weight" not in sched.layers
+
+
+def test_a_policy_of_your_own_chooses_the_frozen_set():
+    from slimfit_fx.scheduler import FreezePolicy
+
+    class FreezeFirst(FreezePolicy):
+        def frozen_count(self, t):
+            return 1
+
+        def choose(self, scheduler):
+            return {0} if scheduler.iteration % 2 == 0 else {len(scheduler.layers) - 1}
+
+    model, opt = _linear_stack(3)
+    sched = Scheduler(model, opt, FreezeFirst(), max_frozen_steps=None)
+    assert sched.k == 1 and sched.frozen == ["0.weight"]
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    assert sched.frozen == ["2.weight"] and not model[2].weight.requires_grad and model[0].weight.requires_grad
+    with pytest.raises(ConfigError, match="policy must be"):
+        Scheduler(model, opt, "ratio")

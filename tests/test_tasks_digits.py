@@ -1,4 +1,4 @@
-"""The offline digits transfer task (slimfit_fx.tasks.digits_transfer): pre-train on
+"""The offline digits transfer task (tools/tasks.py: digits_transfer): pre-train on
 digits 0-4, fine-tune on 5-9.  Needs scikit-learn (its bundled digits, no download);
 fast (a few seconds)."""
 import pytest
@@ -6,8 +6,11 @@ import torch
 
 pytest.importorskip("sklearn", reason="the digits task needs scikit-learn: pip install scikit-learn")
 
+from conftest import load_tool  # noqa: E402
+
 import slimfit_fx  # noqa: E402
-from slimfit_fx import tasks  # noqa: E402
+
+tasks = load_tool("tasks")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def test_shapes_scaling_and_determinism(digits):
     again = tasks.digits_transfer(seed=0)
     assert all(torch.equal(digits[t][k], again[t][k]) for t in digits for k in digits[t])
     other = tasks.digits_transfer(seed=1)
-    assert not torch.equal(digits["finetune"]["test_index"].sort().values, other["finetune"]["test_index"].sort().values)
+    assert not torch.equal(digits["finetune"]["test_index"].sort().values,
+                           other["finetune"]["test_index"].sort().values)
     big = tasks.digits_transfer(seed=0, image_size=16)
     assert big["finetune"]["train_pixels"].shape[1:] == (1, 16, 16)
     few = tasks.digits_transfer(seed=0, finetune_train_per_class=10)["finetune"]

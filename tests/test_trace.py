@@ -2,10 +2,10 @@
 and computes what eager computes."""
 import pytest
 import torch
+from conftest import BATCH, SEQ, call, make_bert, make_gpt2
 from torch import nn
 
 import slimfit_fx
-from conftest import BATCH, SEQ, call, make_bert, make_gpt2
 
 
 def _call_graph(gm, inputs):

@@ -1,13 +1,12 @@
 """SlimFitCallback inside a real transformers.Trainer (tiny BERT, a few steps, no downloads or loggers)."""
 import pytest
 import torch
+from conftest import make_bert
 
 import slimfit_fx
-from slimfit_fx import Ratio, Budget
+from slimfit_fx import Budget, Ratio
 from slimfit_fx.integrations.huggingface import SlimFitCallback, compile_in_place, uncompile
 from slimfit_fx.measure import saved_bytes
-
-from conftest import make_bert
 
 transformers = pytest.importorskip("transformers")  # a hard dependency: present in CI
 
@@ -157,7 +156,7 @@ def test_integrations_names_resolve_lazily():
     assert integrations.SlimFitCallback is huggingface.SlimFitCallback
     assert integrations.wrap_ddp is distributed.wrap_ddp
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        integrations.nope
+        _ = integrations.nope
 
 
 def _trained(tmp_path, name, bf16, compile):

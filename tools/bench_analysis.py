@@ -12,7 +12,7 @@ For ``--peak-sets`` (default: nothing frozen and random 90%) a real AdamW step
 is measured too (``measure.peak_bytes`` of the second step: forward, backward,
 step, ``zero_grad(set_to_none=True)``) and compared with
 ``MemoryEstimate.peak`` and with the formula proposed in ``proposed_peak``.
-The step is instrumented (a dispatch mode above the peak tracker, plus
+The step is instrumented (a watcher on the peak tracker, plus
 saved-tensor and gradient hooks) to say where the peak happens and what is
 live then: saved activations, gradients, transients (incoming gradients and op
 outputs that are not saved), with the ops that made the largest transients.
@@ -44,39 +44,22 @@ from pathlib import Path
 
 import torch
 import transformers
+from common import log  # noqa: E402
 from tabulate import tabulate
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
-from torch.utils._pytree import tree_leaves
 
-from slimfit_fx import analyze, measure
-from slimfit_fx.measure import fmt_bytes, peak_bytes, saved_bytes
+from slimfit_fx import analyze
+from slimfit_fx.measure import fmt_bytes, peak_bytes, running_tracker, saved_bytes
 
 TOLERANCE = 0.02  # acceptance bar of the foundation issue: |predicted - measured| <= 2% of measured
 SET_ORDER = ("none", "bottom-half", "every-other", "all", "random-90%")
 MiB = 1 << 20
 
 
-def rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def log(msg: str) -> None:
-    rss = rss_mib()
-    rss = f" (rss {rss:.0f} MiB)" if rss is not None else ""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}{rss}", file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- models
 
 
 def build_bert(batch: int, seq: int, tiny: bool, seed: int):
+    """BertForSequenceClassification (tiny or bert-base dimensions), a padded batch and its description."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -100,6 +83,7 @@ def build_bert(batch: int, seq: int, tiny: bool, seed: int):
 
 
 def build_vit(batch: int, image_size: int, tiny: bool, seed: int):
+    """ViTForImageClassification (tiny or vit-base dimensions), a batch of images and its description."""
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
@@ -119,6 +103,7 @@ def build_vit(batch: int, image_size: int, tiny: bool, seed: int):
 
 
 def frozen_sets(model, plan, seed: int) -> dict[str, set[str]]:
+    """The five frozen sets, by name (SET_ORDER), over ``plan.layers``."""
     layers = plan.layers
     rng = random.Random(seed)
     return {
@@ -153,6 +138,7 @@ def saved_bytes_isolated(key: str, args, frozen: set[str]) -> int:
 
 
 def saved_worker(key: str, args) -> int:
+    """--saved-worker: saved bytes of one forward under the frozen names read on stdin, as JSON on stdout."""
     frozen = set(json.loads(sys.stdin.read()))
     model, inputs, _ = build(key, args)
     names = {n for n, _ in model.named_parameters()}
@@ -165,23 +151,27 @@ def saved_worker(key: str, args) -> int:
 
 
 def build(key: str, args):
+    """The model, inputs and description of ``key`` (bert-base or vit-base) under ``args``."""
     if key == "bert-base":
         return build_bert(args.batch, args.seq, args.tiny, args.seed)
     return build_vit(args.batch, args.image_size, args.tiny, args.seed)
 
 
 def set_frozen(model, frozen: set[str]) -> None:
+    """requires_grad False on exactly the parameters named in ``frozen``."""
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
 
 
 def error_pct(pred: int, meas: int) -> float | None:
+    """(pred - meas) / meas in percent; None where it is undefined."""
     if meas == 0:
         return 0.0 if pred == 0 else None  # None: undefined (JSON has no infinity)
     return (pred - meas) / meas * 100
 
 
 def pct(x: float | None, digits: int = 2) -> str:
+    """A signed percentage with ``digits`` decimals, or n/a."""
     return "n/a" if x is None else f"{x:+.{digits}f}%"
 
 
@@ -193,8 +183,8 @@ def mb(n) -> str:
 # ----------------------------------------------------------------------------- peak anatomy
 
 
-class _Anatomy(TorchDispatchMode):
-    """Sits above ``measure.peak_bytes``'s tracking mode and reads its live total after every op.
+class StepAnatomy:
+    """Watches ``measure.peak_bytes``'s tracker (``on_op``) and reads its live total after every op.
 
     Keeps, per op: phase, live bytes, saved activations still alive, parameter
     gradients alive.  Saved storages are those a pack hook saw during this step
@@ -203,7 +193,6 @@ class _Anatomy(TorchDispatchMode):
     """
 
     def __init__(self, live, keep_timeline: bool):
-        super().__init__()
         self.live = live
         self.phase = "start"
         self.ops = Counter()
@@ -219,14 +208,9 @@ class _Anatomy(TorchDispatchMode):
         self.timeline: list[tuple] = []
         self.producer: dict[int, tuple] = {}  # id(entry) -> (entry, phase, op index, op, shape)
 
-    def _entries(self, t):
-        for st in measure._storages(t):
-            e = self.live.live.get(id(st))
-            if e is not None and e.ref() is st:
-                yield e
-
     def pack(self, t):
-        for e in self._entries(t):
+        """Saved-tensor hook: the storages of ``t`` not live before the step are saved activations."""
+        for e in self.live.entries(t):
             if e.role == "other" and id(e) not in self.saved and id(e) not in self.base_other:
                 self.saved[id(e)] = e
                 self.saved_peak_total += e.nbytes
@@ -234,32 +218,34 @@ class _Anatomy(TorchDispatchMode):
         return t.detach()  # not t itself: see saved_bytes_isolated (same storage, no cycle)
 
     def grad_hook(self, p):
+        """Post-accumulate-grad hook: ``p.grad``'s storages are gradients."""
         if p.grad is not None:
-            for e in self._entries(p.grad):
+            for e in self.live.entries(p.grad):
                 self.grads[id(e)] = e
 
     def set_phase(self, phase: str) -> None:
+        """The step enters ``phase`` (forward, backward, ...); the previous one ends here."""
         self.phase_end[self.phase] = self.live.current
         self.phase = phase
 
     def start(self):
-        self.base_other = {id(e) for e in self.live.live.values() if e.role == "other"}
-        self.base_other_bytes = sum(e.nbytes for e in self.live.live.values() if e.role == "other")
+        """Record the baseline: what is live before the step (inputs and buffers are its "other")."""
+        self.base_other = {id(e) for e in self.live.live_entries() if e.role == "other"}
+        self.base_other_bytes = sum(e.nbytes for e in self.live.live_entries() if e.role == "other")
         self.fixed = self.live.current  # params + state + inputs + buffers (grads are None after zero_grad)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))  # goes to the tracker below, which counts the outputs
+    def on_op(self, func, outputs) -> None:
+        """After each ATen op of the step, its outputs already counted by the tracker."""
         cur = self.live.current
         ph = self.phase
         if func is not torch.ops.aten.detach.default:  # pack's own detach is not an op of the step
             self.ops[ph] += 1
         if cur > self.phase_max.get(ph, -1):
             self.phase_max[ph] = cur
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                for e in self._entries(t):
-                    if id(e) not in self.producer:
-                        self.producer[id(e)] = (e, ph, self.ops[ph], str(func).replace("aten.", ""), tuple(t.shape))
+        for t in outputs:
+            for e in self.live.entries(t):
+                if id(e) not in self.producer:
+                    self.producer[id(e)] = (e, ph, self.ops[ph], str(func).replace("aten.", ""), tuple(t.shape))
         if self.keep_timeline or cur > self.best:
             saved = sum(e.nbytes for e in self.saved.values())  # a freed entry's nbytes drops to 0
             grads = sum(e.nbytes for e in self.grads.values())
@@ -270,17 +256,29 @@ class _Anatomy(TorchDispatchMode):
                                 "transient": cur - self.fixed - saved - grads}
             if self.keep_timeline:
                 self.timeline.append((ph, str(func), cur, saved, grads))
-        return out
+
+    def summary(self, peak: int) -> dict:
+        """Where and in which phase the step peaked, and what was live then (``peak``: peak_bytes's figure)."""
+        at = dict(self.at_peak)
+        if at.get("live") != peak:  # the watcher should see the very peak, right after the op that made it
+            log(f"warning: anatomy saw a peak of {at.get('live')} B, peak_bytes {peak} B", rss=True)
+        return {
+            "at_peak": at,
+            "baseline_other": self.base_other_bytes,
+            "saved_in_step": self.saved_peak_total,
+            "largest_saved": self.largest_saved,
+            "phase_max": self.phase_max,
+            "phase_end": self.phase_end,
+            "ops_per_phase": dict(self.ops),
+            "peak_set": self.peak_detail,
+        }
 
     def peak_set(self) -> dict:
         """What was live at the peak (the tracker's lazily copied peak set), by kind; the
         largest transients with the op that made them."""
-        live = self.live
-        if live._peak_unsaved:
-            live._save_peak_set()
         kinds = Counter()
         transients = []
-        for e, nbytes in zip(live.peak_entries, live.peak_sizes):
+        for e, nbytes in self.live.peak_set():
             if e.role != "other":
                 kinds[e.role] += nbytes
             elif id(e) in self.base_other:
@@ -298,20 +296,14 @@ class _Anatomy(TorchDispatchMode):
                                        for b, ph, i, op, sh in transients[:12]]}
 
 
-def _tracker_live():
-    for mode in reversed(_get_current_dispatch_mode_stack()):
-        if isinstance(mode, measure._TrackingMode):
-            return mode.live
-    raise RuntimeError("measure.peak_bytes's tracking mode not found on the dispatch mode stack")
-
-
 def measure_peak(model, inputs, anatomy: bool, keep_timeline: bool, adamw_impl: str = "default") -> dict:
+    """peak_bytes of one AdamW step after a warm-up step, with the step's anatomy when ``anatomy``."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
     opt = torch.optim.AdamW(trainable, lr=1e-5, **impl[adamw_impl]) if trainable else None
     holder: dict = {}
 
-    def step(an: _Anatomy | None = None):
+    def step(an: StepAnatomy | None = None):
         def phase(name):
             if an is not None:
                 an.set_phase(name)
@@ -332,11 +324,11 @@ def measure_peak(model, inputs, anatomy: bool, keep_timeline: bool, adamw_impl: 
     def instrumented():
         if not anatomy:
             return step()
-        an = _Anatomy(_tracker_live(), keep_timeline)
+        an = StepAnatomy(running_tracker(), keep_timeline)
         handles = [p.register_post_accumulate_grad_hook(an.grad_hook) for p in trainable]
         an.start()
         try:
-            with torch.autograd.graph.saved_tensors_hooks(an.pack, lambda t: t), an:
+            with torch.autograd.graph.saved_tensors_hooks(an.pack, lambda t: t), an.live.watch(an.on_op):
                 step(an)
             an.peak_detail = an.peak_set()
         finally:
@@ -359,22 +351,9 @@ def measure_peak(model, inputs, anatomy: bool, keep_timeline: bool, adamw_impl: 
     }
     an = holder.get("an")
     if an is not None:
-        at = dict(an.at_peak)
-        if at.get("live") != pm.peak:  # the mode should see the very peak, right after the op that made it
-            log(f"warning: anatomy saw a peak of {at.get('live')} B, peak_bytes {pm.peak} B")
-        out["anatomy"] = {
-            "at_peak": at,
-            "baseline_other": an.base_other_bytes,
-            "saved_in_step": an.saved_peak_total,
-            "largest_saved": an.largest_saved,
-            "phase_max": an.phase_max,
-            "phase_end": an.phase_end,
-            "ops_per_phase": dict(an.ops),
-            "peak_set": an.peak_detail,
-        }
+        out["anatomy"] = an.summary(pm.peak)
         if keep_timeline:
             out["timeline"] = an.timeline
-    del opt
     return out
 
 
@@ -391,11 +370,19 @@ def graph_facts(model, inputs) -> dict:
     for n in gm.graph.nodes:
         if n.op != "call_function":
             continue
-        for v in tree_leaves(n.meta.get("val")):
-            if isinstance(v, torch.Tensor):
-                largest_out = max(largest_out, v.numel() * v.element_size())
+        for v in _tensors(n.meta.get("val")):
+            largest_out = max(largest_out, v.numel() * v.element_size())
     placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
     return {"largest_output": largest_out, "placeholders": sorted(placeholders)}
+
+
+def _tensors(value):
+    """The tensors in a node's value: a tensor, or a (nested) tuple or list of them."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
 
 
 def optimizer_transient(est, model, adamw_impl: str) -> tuple[int, str]:
@@ -438,7 +425,7 @@ def proposed_peak(plan, est, frozen: set[str], model, inputs, facts: dict, adamw
     l_act = max((r["bytes"] for r in rows if r["producer"] not in placeholders), default=0)
     fixed = est.parameters + est.buffers + est.optimizer_state + inputs_unsaved
     layers = list(est.per_layer.values())
-    acts_below, grads_above = 0, sum(l.gradients for l in layers)
+    acts_below, grads_above = 0, sum(layer.gradients for layer in layers)
     envelope, at = grads_above, 0
     for k, layer in enumerate(layers, 1):
         acts_below += layer.activations
@@ -461,74 +448,24 @@ def proposed_peak(plan, est, frozen: set[str], model, inputs, facts: dict, adamw
 
 
 def run_model(key: str, args) -> dict:
+    """Analyse one model, then measure and predict every requested frozen set."""
     t_model = time.perf_counter()
     model, inputs, desc = build(key, args)
     log(f"{key}: {desc}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"attn_implementation={model.config._attn_implementation}")
+        f"attn_implementation={model.config._attn_implementation}", rss=True)
     set_frozen(model, set())
     t0 = time.perf_counter()
     plan = analyze(model, inputs)
     analyze_s = time.perf_counter() - t0
-    log(f"{key}: analyze {analyze_s:.1f} s, {len(plan.layers)} layers, unknown ops {plan.unknown_ops or 'none'}")
+    log(f"{key}: analyze {analyze_s:.1f} s, {len(plan.layers)} layers, unknown ops {plan.unknown_ops or 'none'}",
+        rss=True)
     sets = frozen_sets(model, plan, args.seed)
-
-    saved_rows = []
-    for name in ([] if args.skip_saved else SET_ORDER):
-        frozen = sets[name]
-        set_frozen(model, frozen)
-        est = plan.predict(frozen, optimizer="adamw")
-        t0 = time.perf_counter()
-        if args.in_process:
-            meas = saved_bytes(lambda: model(**inputs).loss, params=model)
-        else:
-            meas = saved_bytes_isolated(key, args, frozen)
-        dt = time.perf_counter() - t0
-        gc.collect()
-        err = error_pct(est.activations, meas)
-        ok = abs(est.activations - meas) <= TOLERANCE * meas if meas else est.activations == 0
-        n_layers = sum(1 for l in plan.layers if l in frozen)
-        saved_rows.append({
-            "set": name, "frozen_layers": n_layers, "frozen_parameters": est.frozen_parameters,
-            "predicted": est.activations, "predicted_static": est.static_activations,
-            "predicted_dynamic": est.dynamic_activations, "measured": meas, "error_pct": err,
-            "pass": ok, "measure_s": round(dt, 2), "predicted_by_role": est.by_role,
-        })
-        log(f"{key} {name}: predicted {fmt_bytes(est.activations)}, measured {fmt_bytes(meas)} "
-            f"({pct(err, 3)}) in {dt:.1f} s (worker included)")
-
+    saved_rows = [saved_row(key, args, model, inputs, plan, name, sets[name])
+                  for name in ([] if args.skip_saved else SET_ORDER)]
     peak_rows = []
     if not args.skip_peak:
         facts = graph_facts(model, inputs)
-        for name in args.peak_sets:
-            frozen = sets[name]
-            set_frozen(model, frozen)
-            est = plan.predict(frozen, optimizer="adamw")
-            largest = max((r["bytes"] for r in plan.saved_tensors(frozen)), default=0)
-            m = measure_peak(model, inputs, anatomy=not args.no_anatomy, keep_timeline=bool(args.timeline),
-                             adamw_impl=args.adamw_impl)
-            gc.collect()
-            timeline = m.pop("timeline", None)
-            if timeline is not None:
-                path = Path(args.json).with_name(f"bench_timeline_{key}_{name.replace('%', 'pct')}.json")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps({"fixed": m["baseline"], "columns": ["phase", "op", "live", "saved_alive",
-                                                                               "gradients"], "rows": timeline}))
-                m["timeline_file"] = str(path)
-            prop = proposed_peak(plan, est, frozen, model, inputs, facts, args.adamw_impl)
-            row = {
-                "set": name, "measured": m, "proposed": prop,
-                "proposed_error_pct": error_pct(prop["peak"], m["peak"]),
-                "predicted": {"peak": est.peak, "parameters": est.parameters, "buffers": est.buffers,
-                              "gradients": est.gradients, "optimizer_state": est.optimizer_state,
-                              "activations": est.activations, "largest_saved": largest},
-                "error_pct": error_pct(est.peak, m["peak"]),
-            }
-            peak_rows.append(row)
-            at = m.get("anatomy", {}).get("at_peak", {})
-            log(f"{key} {name}: peak predicted {fmt_bytes(est.peak)}, measured {fmt_bytes(m['peak'])} "
-                f"({pct(row['error_pct'])}), proposed {fmt_bytes(prop['peak'])} ({pct(row['proposed_error_pct'])}), "
-                f"at {at.get('phase')} op #{at.get('op_index_in_phase')} "
-                f"{at.get('op')}; step {m['measured_step_s']} s")
+        peak_rows = [peak_row(key, args, model, inputs, plan, facts, name, sets[name]) for name in args.peak_sets]
     set_frozen(model, set())
     result = {
         "model": key, "description": desc, "parameters": sum(p.numel() for p in model.parameters()),
@@ -541,10 +478,67 @@ def run_model(key: str, args) -> dict:
     return result
 
 
+def saved_row(key: str, args, model, inputs, plan, name: str, frozen: set[str]) -> dict:
+    """Predicted and measured saved bytes of one frozen set (measured in a worker unless --in-process)."""
+    set_frozen(model, frozen)
+    est = plan.predict(frozen, optimizer="adamw")
+    t0 = time.perf_counter()
+    if args.in_process:
+        meas = saved_bytes(lambda: model(**inputs).loss, params=model)
+    else:
+        meas = saved_bytes_isolated(key, args, frozen)
+    dt = time.perf_counter() - t0
+    gc.collect()
+    err = error_pct(est.activations, meas)
+    ok = abs(est.activations - meas) <= TOLERANCE * meas if meas else est.activations == 0
+    n_layers = sum(1 for layer in plan.layers if layer in frozen)
+    log(f"{key} {name}: predicted {fmt_bytes(est.activations)}, measured {fmt_bytes(meas)} "
+        f"({pct(err, 3)}) in {dt:.1f} s (worker included)", rss=True)
+    return {
+        "set": name, "frozen_layers": n_layers, "frozen_parameters": est.frozen_parameters,
+        "predicted": est.activations, "predicted_static": est.static_activations,
+        "predicted_dynamic": est.dynamic_activations, "measured": meas, "error_pct": err,
+        "pass": ok, "measure_s": round(dt, 2), "predicted_by_role": est.by_role,
+    }
+
+
+def peak_row(key: str, args, model, inputs, plan, facts: dict, name: str, frozen: set[str]) -> dict:
+    """One frozen set's measured step peak (with its anatomy) against the predicted and the proposed."""
+    set_frozen(model, frozen)
+    est = plan.predict(frozen, optimizer="adamw")
+    largest = max((r["bytes"] for r in plan.saved_tensors(frozen)), default=0)
+    m = measure_peak(model, inputs, anatomy=not args.no_anatomy, keep_timeline=bool(args.timeline),
+                     adamw_impl=args.adamw_impl)
+    gc.collect()
+    timeline = m.pop("timeline", None)
+    if timeline is not None:
+        path = Path(args.json).with_name(f"bench_timeline_{key}_{name.replace('%', 'pct')}.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"fixed": m["baseline"], "columns": ["phase", "op", "live", "saved_alive",
+                                                                       "gradients"], "rows": timeline}))
+        m["timeline_file"] = str(path)
+    prop = proposed_peak(plan, est, frozen, model, inputs, facts, args.adamw_impl)
+    row = {
+        "set": name, "measured": m, "proposed": prop,
+        "proposed_error_pct": error_pct(prop["peak"], m["peak"]),
+        "predicted": {"peak": est.peak, "parameters": est.parameters, "buffers": est.buffers,
+                      "gradients": est.gradients, "optimizer_state": est.optimizer_state,
+                      "activations": est.activations, "largest_saved": largest},
+        "error_pct": error_pct(est.peak, m["peak"]),
+    }
+    at = m.get("anatomy", {}).get("at_peak", {})
+    log(f"{key} {name}: peak predicted {fmt_bytes(est.peak)}, measured {fmt_bytes(m['peak'])} "
+        f"({pct(row['error_pct'])}), proposed {fmt_bytes(prop['peak'])} ({pct(row['proposed_error_pct'])}), "
+        f"at {at.get('phase')} op #{at.get('op_index_in_phase')} "
+        f"{at.get('op')}; step {m['measured_step_s']} s", rss=True)
+    return row
+
+
 # ----------------------------------------------------------------------------- printing
 
 
 def print_tables(results: list[dict]) -> bool:
+    """Print every model's tables; whether every saved-bytes set passed."""
     all_ok = True
     for r in results:
         print(f"\n== {r['description']}")
@@ -587,7 +581,8 @@ def print_tables(results: list[dict]) -> bool:
             at, kinds, pm = an["at_peak"], an["peak_set"]["by_kind"], an["phase_max"]
             top = ", ".join(f"{t['op']}{tuple(t['shape'])} {mb(t['bytes'])}"
                             for t in an["peak_set"]["largest_transients"][:3])
-            rows.append([p["set"], f"{at['phase']} op #{at['op_index_in_phase']}/{an['ops_per_phase'].get(at['phase'])}",
+            where = f"{at['phase']} op #{at['op_index_in_phase']}/{an['ops_per_phase'].get(at['phase'])}"
+            rows.append([p["set"], where,
                          at["op"].replace("aten.", ""), mb(kinds.get("saved", 0)), mb(an["saved_in_step"]),
                          mb(kinds.get("gradients", 0)), mb(kinds.get("transient", 0)),
                          mb(kinds.get("inputs+buffers", 0)),
@@ -606,6 +601,7 @@ def print_tables(results: list[dict]) -> bool:
 
 
 def main(argv=None) -> int:
+    """Run the requested models (or a saved-bytes worker), print the tables and write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["bert-base", "vit-base", "all"], default="all")
     ap.add_argument("--batch", type=int, default=32)
@@ -616,7 +612,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-peak", action="store_true", help="saved bytes only, no optimizer step")
     ap.add_argument("--skip-saved", action="store_true", help="peak only (for the peak investigation)")
     ap.add_argument("--peak-sets", default="none,random-90%",
-                    help=f"comma-separated frozen sets to run a step on (of {', '.join(SET_ORDER)})")
+                    help=f"comma-separated frozen sets to run a step on (of {', '.join(SET_ORDER).replace('%', '%%')})")
     ap.add_argument("--in-process", action="store_true",
                     help="measure saved bytes in this process, not in a worker per set (leaks each graph: "
                          "see saved_bytes_isolated)")

@@ -29,14 +29,13 @@ from slimfit_fx.cli import frozen_layers
 from slimfit_fx.measure import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import log  # noqa: E402
+
 MODES = {"whole": None, "per-block": "auto"}
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def build(layers: int, batch: int, seq: int):
+    """BERT-base widths cut to ``layers`` layers, and a batch."""
     torch.manual_seed(0)
     cfg = BertConfig(num_hidden_layers=layers)  # BERT-base widths: hidden 768, 12 heads, FFN 3072
     model = BertForSequenceClassification(cfg).train()
@@ -55,12 +54,14 @@ def freeze_random(model, fraction: float = 0.9) -> set[str]:
 
 
 def step(module, inputs) -> float:
+    """Seconds of one forward and backward."""
     start = time.perf_counter()
     module(**inputs).loss.backward()
     return time.perf_counter() - start
 
 
 def measure_depth(layers: int, batch: int, seq: int, steps: int) -> dict:
+    """Capture and step times of both modes at one depth, and the per-block prediction against the measure."""
     model, inputs = build(layers, batch, seq)
     frozen = freeze_random(model)
     row = {"layers": layers}
@@ -85,6 +86,7 @@ def measure_depth(layers: int, batch: int, seq: int, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
+    """Every requested depth after a warm-up capture; prints the table and writes the JSON."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, nargs="+", default=[2, 12, 24])
     p.add_argument("--batch", type=int, default=2)

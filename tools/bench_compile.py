@@ -30,6 +30,7 @@ import time
 from datetime import datetime, timezone
 
 import torch
+from common import log  # noqa: E402
 from tabulate import tabulate
 
 import slimfit_fx
@@ -38,10 +39,6 @@ from slimfit_fx.analysis import layer_parameters
 from slimfit_fx.measure import fmt_bytes, saved_bytes
 
 CONFIGS = {"paper": SlimFitConfig, "minmax": SlimFitConfig.minmax}
-
-
-def log(msg):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def build(name: str, batch: int, seq: int):
@@ -86,10 +83,12 @@ class _BackendTimer:
         self._cls.__call__ = timed
 
     def close(self):
+        """Restore the backend's own ``__call__``."""
         self._cls.__call__ = self._orig
 
 
 def run(args):
+    """Build the three settings, measure saved bytes and time interleaved steps; rows and dynamo's counts."""
     from torch._dynamo.utils import counters
 
     model, inputs = build(args.model, args.batch, args.seq)
@@ -141,14 +140,14 @@ def run(args):
     for name, r in rows.items():
         step(r["module"])  # warm
         torch.manual_seed(1)
-        r["saved"] = saved_bytes(lambda: r["module"](**inputs).loss, params=model)
+        r["saved"] = saved_bytes(lambda r=r: r["module"](**inputs).loss, params=model)
         r["predicted"] = None if name == "pytorch" else r["module"].plan.predict(fixed).activations
         r["times"] = []
 
     log(f"step times: {args.repeats} interleaved rounds of {args.steps} steps, a new random frozen set each step")
     for rnd in range(args.repeats):
         sets = [set(rng.sample(layers, k)) for _ in range(args.steps)]
-        for name, r in rows.items():
+        for r in rows.values():
             t_total = 0.0
             for frozen in sets:
                 freeze(frozen)
@@ -169,6 +168,7 @@ def run(args):
 
 
 def summarize(rows):
+    """Median step times and per-round ratios to slimfit-eager; the table rows and headers."""
     base = rows["slimfit-eager"]["times"]
     table = []
     for name, r in rows.items():
@@ -187,6 +187,7 @@ def summarize(rows):
 
 
 def main(argv=None):
+    """Run the comparison, print the table and write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bert-small")
     ap.add_argument("--batch", type=int, default=16)

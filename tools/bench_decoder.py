@@ -37,6 +37,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma", "gemma2", "gp
 
 
 def llama_1b_widths(layers: int, batch: int, seq: int):
+    """A LlamaForCausalLM with LLaMA-3.2-1B widths cut to ``layers`` layers, and a batch."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_attention_heads=32, num_key_value_heads=8,
@@ -102,6 +103,7 @@ HEADERS = ["model", "frozen", "plain + freezing", "slimfit_fx", "saved lower by"
 
 
 def main(argv=None) -> int:
+    """The LLaMA row and (unless --no-families) every decoder family; prints the tables, writes the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)

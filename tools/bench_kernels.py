@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ SHAPES = {"hidden 8x128x768": (8, 128, 768), "ffn 8x128x3072": (8, 128, 3072),
 
 
 def timed(fn, repeats: int, device: str) -> float:
+    """Median milliseconds of ``fn()`` over ``repeats`` calls after a warm-up (synchronised on CUDA)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn()
     sync()
@@ -61,6 +63,7 @@ def candidates(device: str) -> dict:
 
 
 def main(argv=None) -> int:
+    """Time every kernel on every shape, print the table and write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=20)
@@ -73,20 +76,20 @@ def main(argv=None) -> int:
     for label, shape in SHAPES.items():
         x = torch.randn(shape, device=args.device)
         n = x.numel()
-        copy = timed(lambda: x.clone(), args.repeats, args.device)
+        copy = timed(partial(x.clone), args.repeats, args.device)
         rows.append({"shape": label, "kernel": "x.clone()", "ms": copy, "vs_copy": 1.0})
         for name, (quantize, dequantize) in impls.items():
             for bits in (8, 4):
                 packed = quantize(x, bits, 128, -1)
-                ms = timed(lambda: quantize(x, bits, 128, -1), args.repeats, args.device)
+                ms = timed(partial(quantize, x, bits, 128, -1), args.repeats, args.device)
                 rows.append({"shape": label, "kernel": f"{name} quantize {bits}-bit", "ms": ms, "vs_copy": ms / copy})
-                ms = timed(lambda: dequantize(*packed, bits, 128, n, torch.float32), args.repeats, args.device)
+                ms = timed(partial(dequantize, *packed, bits, 128, n, torch.float32), args.repeats, args.device)
                 rows.append({"shape": label, "kernel": f"{name} dequantize {bits}-bit", "ms": ms,
                              "vs_copy": ms / copy})
         mask = torch.rand(shape, device=args.device) < 0.9
         bits = reference.pack_bits(mask)
-        for kernel, fn in (("pack_bits", lambda: reference.pack_bits(mask)),
-                           ("unpack_bits", lambda: reference.unpack_bits(bits, n))):
+        for kernel, fn in (("pack_bits", partial(reference.pack_bits, mask)),
+                           ("unpack_bits", partial(reference.unpack_bits, bits, n))):
             ms = timed(fn, args.repeats, args.device)
             rows.append({"shape": label, "kernel": kernel, "ms": ms, "vs_copy": ms / copy})
     from tabulate import tabulate

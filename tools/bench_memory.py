@@ -47,8 +47,8 @@ versions, date and command line, and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -68,10 +68,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from common import log  # noqa: E402
+
 import slimfit_fx  # noqa: E402
 from slimfit_fx import SlimFitConfig  # noqa: E402
 from slimfit_fx.measure import fmt_bytes, peak_bytes, saved_bytes  # noqa: E402
 from slimfit_fx.models import build  # noqa: E402
+from slimfit_fx.optim_state import FrozenStateStore  # noqa: E402
 
 WORKLOADS = {  # model -> (batch, seq): the issue's configurations
     "bert-base": (32, 128),
@@ -118,10 +121,6 @@ def _selective_context():
     return create_selective_checkpoint_contexts(ops)
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 class SettingFailed(Exception):
     """A setting cannot run here; the message says why (it becomes the row's note)."""
 
@@ -143,6 +142,7 @@ class Setting:
 
     # what a setting changes; undone by the next setting's activate()
     def activate(self) -> None:
+        """Apply this row's frozen set (gradients cleared) and turn HF checkpointing off."""
         b = self.bench
         for n, p in b.model.named_parameters():
             p.requires_grad_(n not in self.frozen)
@@ -150,13 +150,16 @@ class Setting:
         b.checkpointing(False)
 
     def context(self):
+        """The context the forward runs in (none by default)."""
         return contextlib.nullcontext()
 
     def forward_loss(self):
+        """The loss of one forward of this row's module on the bench's inputs."""
         with self.context(), self.bench.precision():
             return self.module(**self.bench.inputs).loss
 
     def step(self) -> None:
+        """One training step: forward, backward, optimizer step, zero_grad(set_to_none=True)."""
         loss = self.forward_loss()
         loss.backward()
         del loss
@@ -168,25 +171,32 @@ class Setting:
         self.optimizer = self.bench.optimizer_for(self.frozen)
 
     def after_warmup(self) -> None:
-        pass
+        """What the row changes once the warm-up step made the optimizer state (nothing by default)."""
 
 
 class Plain(Setting):
+    """Plain eager PyTorch, every parameter trained."""
+
     name, has_plan = "pytorch", True
 
     def setup(self):
+        """The AdamW of every parameter and the plain model's plan."""
         super().setup()
         self.plan = self.bench.plain_plan
 
 
 class Checkpointing(Setting):
+    """HF gradient checkpointing, non-reentrant."""
+
     name, mode = "checkpointing", "full"
 
     def activate(self):
+        """As Setting.activate, then HF checkpointing on in this row's mode."""
         super().activate()
         self.bench.checkpointing(self.mode)
 
     def setup(self):
+        """Refuse a model without HF gradient checkpointing; else the AdamW."""
         if not getattr(self.bench.model, "supports_gradient_checkpointing", False):
             raise SettingFailed(f"{type(self.bench.model).__name__} does not support HF gradient checkpointing")
         super().setup()
@@ -199,19 +209,25 @@ class SelectiveCheckpointing(Checkpointing):
 
 
 class Compiled(Setting):
+    """torch.compile(model) under an activation memory budget."""
+
     name = "torch.compile"
 
     def context(self):
+        """functorch's activation_memory_budget patched for the forward."""
         import torch._functorch.config as functorch_config
 
         return functorch_config.patch(activation_memory_budget=ACTIVATION_MEMORY_BUDGET)
 
     def setup(self):
+        """The AdamW and the torch.compile'd model (compiled on the warm-up step)."""
         super().setup()
         self.module = torch.compile(self.bench.model)  # compiles on the warm-up step
 
 
 class Freeze(Setting):
+    """Plain eager PyTorch with the bench's random frozen set."""
+
     name, has_plan = "pytorch+freeze", True
 
     def __init__(self, bench):
@@ -219,6 +235,7 @@ class Freeze(Setting):
         self.frozen = bench.frozen
 
     def setup(self):
+        """The AdamW of the trained parameters and the plain model's plan."""
         super().setup()
         self.plan = self.bench.plain_plan
 
@@ -229,16 +246,21 @@ class SlimFit(Freeze):
     name, has_plan = "slimfit", True
 
     def setup(self):
+        """The AdamW and the slimfit_fx module of ``CONFIGS[name]`` with its plan."""
         Setting.setup(self)
         self.module = self.bench.slimfit_module(self.name)
         self.plan = self.module.plan
 
 
 class SlimFitOff(SlimFit):
+    """slimfit_fx with SlimFitConfig.off(): the rewrites off, same frozen set."""
+
     name = "slimfit-off"
 
 
 class SlimFitPaper(SlimFit):
+    """slimfit_fx with SlimFitConfig.paper(): the paper's formats, same frozen set."""
+
     name = "slimfit-paper"
 
 
@@ -255,10 +277,7 @@ class EverythingOn(SlimFit):
     name = "slimfit+offload"
 
     def setup(self):
-        try:
-            from slimfit_fx.optim_state import FrozenStateStore
-        except ImportError as e:
-            raise SettingFailed(f"slimfit_fx.optim_state.FrozenStateStore is not available ({e})") from None
+        """The slimfit module, an AdamW over every parameter and the FrozenStateStore."""
         self.module = self.bench.slimfit_module("slimfit")
         self.plan = self.module.plan
         # Its own optimizer over every parameter: the warm-up step trains all of them, so that
@@ -270,6 +289,7 @@ class EverythingOn(SlimFit):
         self.frozen = set()
 
     def after_warmup(self):
+        """Freeze the frozen set now and hand its optimizer state to the store."""
         self.frozen = self._frozen_later
         self.activate()  # requires_grad False and grad None on the frozen parameters
         params = dict(self.bench.model.named_parameters())
@@ -284,6 +304,7 @@ class SlimFitCheckpoint(SlimFit):
     name = "slimfit+checkpoint"
 
     def setup(self):
+        """As SlimFit.setup; the note says how many blocks are recomputed."""
         super().setup()
         recomputed = self.module.graph_module.meta.get("slimfit_recomputed", [])
         args = self.bench.args
@@ -300,6 +321,7 @@ class SlimFitCompiled(SlimFit):
     name = "slimfit+torch.compile"
 
     def setup(self):
+        """The module slimfit_fx.compile(mode="compiled") makes, and its build time."""
         Setting.setup(self)
         t0 = time.perf_counter()
         with self.bench.precision():
@@ -315,6 +337,8 @@ assert list(SETTING_CLASSES) == list(SETTINGS)
 
 
 class Bench:
+    """The model, inputs, plain plan and frozen set every row shares, and what rows build on them."""
+
     def __init__(self, args):
         self.args = args
         self.device = torch.device(args.device)
@@ -409,7 +433,7 @@ class Bench:
         pm = peak_bytes(s.step, model=model, optimizer=s.optimizer, tensors=list(self.inputs.values()))
         row.update(peak=pm.peak, parameters=pm.parameters, gradients=pm.gradients,
                    optimizer_state=pm.optimizer_state, activations_temporaries=pm.other,
-                   offloaded=getattr(pm, "offloaded", 0), baseline=pm.baseline,
+                   offloaded=pm.offloaded, baseline=pm.baseline,
                    cuda_max_allocated=pm.cuda_max_allocated)
         if s.name in ("torch.compile", "slimfit+torch.compile"):
             row["note"] = ("peak not measurable: under peak_bytes' TorchDispatchMode dynamo runs the model "
@@ -461,6 +485,7 @@ def _measure_rows(bench: "Bench", names: list[str], rows: dict) -> list:
 
 
 def run(args) -> tuple[dict, Bench]:
+    """Measure every row (the slimfit torch.compile row last), then time them; the rows and the bench."""
     bench = Bench(args)
     rows: dict = {}
     # Two torch.compile rows on one forward code object (inductor's and the slimfit backend's) make
@@ -518,6 +543,7 @@ def _paired_ratio(times: list, reference: list) -> float | None:
 
 
 def summarize(rows: dict) -> None:
+    """Add medians and the ratios to plain PyTorch (and to slimfit-off) to every row."""
     base = rows.get("pytorch", {})
     off = rows.get("slimfit-off", {})
     for r in rows.values():
@@ -550,6 +576,7 @@ def _mib(n) -> str:
 
 
 def markdown(result: dict) -> str:
+    """The result as a markdown section: facts, the table and notes."""
     a, m, v = result["args"], result["machine"], result["versions"]
     device, precision = a.get("device", "cpu"), a.get("precision", "fp32")
     where = f"device {result['gpu']}" if result.get("gpu") else f"device {device}"
@@ -627,6 +654,35 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Measure every requested row (or only re-render a saved result) and write the JSON and markdown."""
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.render:
+        return _render(args)
+    argv_used = sys.argv[1:] if argv is None else list(argv)
+    _check_args(ap, args)
+    out = Path(args.out or f"results/bench_memory_{_docs_key(vars(args)).replace(' ', '_')}")
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    started = time.time()
+    rows, bench = run(args)
+    summarize(rows)
+    result = _result(args, argv_used, rows, bench, started)
+    md = markdown(result)
+    print(md)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    out.with_suffix(".md").write_text(md)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    if args.docs:
+        update_docs(Path(args.docs), _docs_key(vars(args)), md)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line (see the module docstring for the rows and workloads)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="bert-base", help="bert-base, vit-base, gpt2 (or any slimfit_fx.models name)")
     ap.add_argument("--batch", type=int, default=None, help="default: the workload's (32, 32, 8)")
@@ -655,17 +711,23 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", default=None, metavar="MD",
                     help="also put the table into this page (e.g. docs/BENCHMARKS.md), between the markers "
                          "<!-- BEGIN bench_memory <model> --> and <!-- END bench_memory <model> -->")
-    args = ap.parse_args(argv)
-    if args.render:
-        path = Path(args.render)
-        result = json.loads(path.read_text())
-        md = markdown(result)
-        path.with_suffix(".md").write_text(md)
-        print(md)
-        if args.docs:
-            update_docs(Path(args.docs), _docs_key(result["args"]), md)
-        return 0
-    argv_used = sys.argv[1:] if argv is None else list(argv)
+    return ap
+
+
+def _render(args) -> int:
+    """--render: the markdown of a saved result, written next to it (and into --docs)."""
+    path = Path(args.render)
+    result = json.loads(path.read_text())
+    md = markdown(result)
+    path.with_suffix(".md").write_text(md)
+    print(md)
+    if args.docs:
+        update_docs(Path(args.docs), _docs_key(result["args"]), md)
+    return 0
+
+
+def _check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Parse the row lists and fill the workload's batch and seq; ``ap.error`` on what cannot run."""
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in args.settings if s not in SETTINGS]
     if unknown or not args.settings:
@@ -683,16 +745,13 @@ def main(argv=None) -> int:
         ap.error("--repeats and --batch must be positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device here")
-    out = Path(args.out or f"results/bench_memory_{_docs_key(vars(args)).replace(' ', '_')}")
 
+
+def _result(args, argv_used: list[str], rows: dict, bench: "Bench", started: float) -> dict:
+    """The run's JSON document: command, date, machine, versions, frozen set and rows."""
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    started = time.time()
-    rows, bench = run(args)
-    summarize(rows)
-    result = {
+    return {
         "command": "python tools/bench_memory.py " + shlex.join(argv_used),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"processor": platform.processor() or platform.machine(), "platform": platform.platform(),
@@ -709,15 +768,6 @@ def main(argv=None) -> int:
         "slimfit_capture_s": getattr(bench, "slimfit_capture_s", None),
         "wall_s": round(time.time() - started, 1),
     }
-    md = markdown(result)
-    print(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    out.with_suffix(".md").write_text(md)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    if args.docs:
-        update_docs(Path(args.docs), _docs_key(vars(args)), md)
-    return 0
 
 
 def _docs_key(a: dict) -> str:

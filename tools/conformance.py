@@ -32,6 +32,7 @@ from families import FAMILIES  # noqa: E402
 
 
 def row(name: str, blocks: str | None = None) -> dict:
+    """One family's conformance figures, or the error that stopped it."""
     started = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -58,6 +59,7 @@ def _fallback_reason(caught) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    """The rows as a markdown table."""
     headers = ["family", "compile", "off() exact", "worst cosine", "prediction error",
                "saved vs eager (none / 90% frozen)"]
     out = []
@@ -73,6 +75,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    """Every requested family; prints the table, writes JSON and markdown; 0 when every family conforms."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
     p.add_argument("--out", default="results/conformance")

@@ -44,16 +44,14 @@ import slimfit_fx
 from slimfit_fx.measure import saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
+from common import log  # noqa: E402
+
 MODEL = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, use_cache=False)
 PRETRAIN = dict(steps=600, batch=32, seq=128, lr=2e-3, corpus_bytes=4_000_000, seed=0)
 SETTINGS = ("full", "ratio", "budget", "ratio-plain")
 DEFAULT_SETTINGS = ("full", "ratio", "budget")
 METRIC = "relative_change"  # the figures in docs/ACCURACY.md were measured with the paper's score
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def stdlib_corpus(limit: int) -> bytes:
@@ -86,6 +84,7 @@ def pydoc_split(every: int = 5) -> tuple[bytes, bytes, list[str]]:
 
 
 def as_ids(text: bytes) -> torch.Tensor:
+    """Bytes as a 1-d tensor of token ids (0-255)."""
     return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
@@ -96,12 +95,14 @@ def windows(ids: torch.Tensor, seq: int) -> torch.Tensor:
 
 
 def random_batch(ids: torch.Tensor, batch: int, seq: int, gen: torch.Generator) -> dict:
+    """``batch`` random ``seq``-byte windows of ``ids`` drawn with ``gen``, as inputs and labels."""
     start = torch.randint(ids.numel() - seq, (batch,), generator=gen)
     x = torch.stack([ids[s:s + seq] for s in start.tolist()])
     return {"input_ids": x, "labels": x}
 
 
 def build_model(seed: int = 0):
+    """The byte-level LLaMA of MODEL, initialised under ``seed``, in train mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -109,6 +110,7 @@ def build_model(seed: int = 0):
 
 
 def cache_path(recipe: dict) -> Path:
+    """Where the checkpoint of a pre-training recipe is cached (keyed by recipe, model and torch)."""
     key = hashlib.sha256(json.dumps({"model": MODEL, "pretrain": recipe, "torch": torch.__version__.split("+")[0]},
                                     sort_keys=True).encode()).hexdigest()[:16]
     root = Path(os.environ.get("SLIMFIT_FX_CACHE", Path.home() / ".cache" / "slimfit_fx"))
@@ -143,6 +145,7 @@ def pretrained(recipe: dict = PRETRAIN) -> tuple[dict, dict]:
 
 @torch.no_grad()
 def bits_per_byte(model, ids: torch.Tensor, seq: int = 128, batch: int = 64) -> float:
+    """Mean bits per byte of ``model`` on every ``seq``-byte window of ``ids`` (mode restored)."""
     was = model.training
     model.eval()
     total, count = 0.0, 0
@@ -178,13 +181,14 @@ def fine_tune(state: dict, train_ids, test_ids, seed: int, steps: int, batch: in
         elif name != "full":
             module = slimfit_fx.compile(model, example, config)
             layers = module.plan.layers
-            policy = slimfit_fx.Ratio(0.9) if name == "ratio" else slimfit_fx.Budget(_budget(module.plan, layers, 0.9, seed))
+            policy = (slimfit_fx.Ratio(0.9) if name == "ratio"
+                      else slimfit_fx.Budget(_budget(module.plan, layers, 0.9, seed)))
             sched = slimfit_fx.Scheduler(module, opt, policy, seed=seed, metric=METRIC,
                                          **({"max_frozen_steps": None} if name == "budget" else {}))
         runs[name] = {"model": model, "module": module, "opt": opt, "sched": sched, "seconds": 0.0,
                       "gen": torch.Generator().manual_seed(seed)}
     for _ in range(steps):
-        for name, r in runs.items():
+        for r in runs.values():
             inputs = random_batch(train_ids, batch, seq, r["gen"])
             started = time.perf_counter()
             torch.manual_seed(seed)
@@ -210,6 +214,7 @@ def reference(per_seed: dict) -> str:
 
 
 def summarize(per_seed: dict) -> list[list]:
+    """One table row per setting: bits per byte over seeds, delta and saved bytes against the reference."""
     rows = []
     first = next(iter(per_seed.values()))
     ref = reference(per_seed)
@@ -225,6 +230,7 @@ def summarize(per_seed: dict) -> list[list]:
 
 
 def headers(ref: str) -> list[str]:
+    """The table's headers, against the reference setting ``ref``."""
     return ["setting", "held-out bits/byte (mean ± std)", "per seed", f"Δ to {ref}", f"saved act. vs {ref}"]
 
 
@@ -250,6 +256,7 @@ def run(seeds, steps: int = 300, batch: int = 16, seq: int = 128, lr: float = 5e
 
 
 def markdown(result: dict) -> str:
+    """The study's paragraph and table in markdown."""
     ft, pre = result["fine_tune"], result["pretrain"]
     return "\n".join([
         f"Byte-level LLaMA (hidden {MODEL['hidden_size']}, {MODEL['num_hidden_layers']} layers, "
@@ -264,6 +271,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """Run the study, print its markdown and write the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=300)

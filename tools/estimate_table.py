@@ -71,6 +71,7 @@ def accelerate_figures(config_dir: str) -> dict[str, int]:
 
 
 def run(args) -> list[dict]:
+    """Estimate every requested config and work out accelerate's figures for it."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -84,6 +85,7 @@ def run(args) -> list[dict]:
 
 
 def estimate_table(rows: list[dict]) -> str:
+    """The per-setting estimate table in markdown."""
     headers = ["model", "setting", "parameters", "gradients", "optimizer state", "activations",
                "FSDP2 working set", "peak per GPU"]
     lines = []
@@ -98,6 +100,7 @@ def estimate_table(rows: list[dict]) -> str:
 
 
 def accelerate_table(rows: list[dict], world_size: int) -> str:
+    """accelerate's figures beside this estimate's peaks, in markdown."""
     headers = ["model", "accelerate: Total Size (float32)", "accelerate: Training using Adam (float16)",
                f"the same / {world_size}", "this estimate: PyTorch peak per GPU",
                "slimfit_fx + checkpointing peak per GPU"]
@@ -111,6 +114,7 @@ def accelerate_table(rows: list[dict], world_size: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Estimate every config, print both tables and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     p.add_argument("--batch", type=int, default=1, help="per GPU")

@@ -24,7 +24,7 @@ same prediction's median over the frozen sets the ratio run actually used.
 
 The steps of the settings are interleaved (step i of each, then step i+1), so their
 step times are measured under the same machine load; each keeps its own batch order
-and RNG stream (``slimfit_fx.tasks.TrainRun``).  Batches are padded to ``--seq``
+and RNG stream (``tasks.TrainRun``, tools/tasks.py).  Batches are padded to ``--seq``
 (fixed shapes: the budget is priced for exactly the shape that runs; ``--trim``
 drops all-padding columns instead).
 
@@ -56,11 +56,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+import tasks  # noqa: E402
 import torch
+from common import log, progress_bar  # noqa: E402
 from tabulate import tabulate
 
 import slimfit_fx
-from slimfit_fx import tasks
 from slimfit_fx.measure import peak_bytes, saved_bytes
 
 SETTINGS = ("full", "ratio", "budget", "ratio-plain", "lora", "lora-compile", "lora-ratio")
@@ -76,10 +77,6 @@ FORMATS = {"default": slimfit_fx.SlimFitConfig, "paper": slimfit_fx.SlimFitConfi
 MiB = 2 ** 20
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class Task:
     """What run_seed needs to know about a task."""
@@ -91,6 +88,7 @@ class Task:
 
 
 def vader_task(seed: int, seq: int = 16) -> Task:
+    """The MiniLM-on-VADER task of ``seed``, sentences padded to ``seq`` tokens."""
     return Task(name="minilm-vader", data=tasks.vader_sentiment(seq_len=seq, seed=seed),
                 make_model=lambda s: tasks.load_minilm_classifier(seed=s))
 
@@ -122,7 +120,7 @@ def ratio_sized_budget(plan, layers: list[str], ratio: float, seed: int, samples
 def schedule_stats(plan, sched, n_layers: int) -> dict:
     """Mean frozen fraction (of all SlimFit layers) and predicted bytes over the frozen sets used
     (none without a plan: a plain model)."""
-    fixed = set(sched._fixed_frozen) & set(plan.parameter_names) if plan is not None else set()
+    fixed = set(sched.fixed_frozen) & set(plan.parameter_names) if plan is not None else set()
     cache: dict[frozenset, tuple[int, int]] = {}
     totals, acts, fracs = [], [], []
     for _, frozen in sched.history:
@@ -144,73 +142,73 @@ def schedule_stats(plan, sched, n_layers: int) -> dict:
             "trained_iterations_per_layer": dict(sorted(trained_count.items(), key=lambda kv: -kv[1]))}
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = None
-    if tqdm is not None:
-        return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
-
-    class Plain:  # one stderr line, rewritten
-        def __init__(self):
-            self.n, self.start, self.post = 0, time.time(), ""
-
-        def update(self, k=1):
-            self.n += k
-            el = time.time() - self.start
-            eta = el / self.n * (total - self.n)
-            print(f"\r{desc}: {self.n}/{total} [{el:.0f}s<{eta:.0f}s] {self.post}", end="", file=sys.stderr,
-                  flush=True)
-
-        def set_postfix_str(self, s):
-            self.post = s
-
-        def close(self):
-            print(file=sys.stderr, flush=True)
-
-    return Plain()
-
-
 def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, lr=2e-4, ratio=0.9,
              exclude=DEFAULT_EXCLUDE, frozen_state="keep", trim=False, weight_decay=0.01, progress=True,
              max_frozen_steps="auto", metric="relative_change") -> dict:
     """Train every setting for ``steps`` interleaved steps under ``seed``; measure each. Returns
     ``{setting: result}`` plus ``"budget"`` details under ``"_budget"``."""
     data = task.data
-    measure_batch = tasks._batch_inputs(data, "train", torch.arange(batch), trim)
+    measure_batch = tasks.batch_inputs(data, "train", torch.arange(batch), trim)
     runs: dict[str, tasks.TrainRun] = {}
     modules: dict[str, torch.nn.Module] = {}
     info: dict[str, Any] = {}
+    schedule = dict(ratio=ratio, exclude=exclude, frozen_state=frozen_state, max_frozen_steps=max_frozen_steps,
+                    metric=metric)
     for name in settings:
-        model = task.make_model(seed)
-        if name.startswith("lora"):
-            model = with_lora(model)
-        module = model
-        if name not in PLAIN:
-            t0 = time.perf_counter()
-            module = slimfit_fx.compile(model, measure_batch, task.config)
-            info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
-        modules[name] = module
-        factory = None
-        if name in SCHEDULED:
-            if name == "budget":
-                budget = ratio_sized_budget(module.plan, scheduled_layers(module.plan, exclude), ratio, seed)
-                info["budget"] = budget
-                policy = slimfit_fx.Budget(budget["bytes"])
-            else:
-                policy = slimfit_fx.Ratio(ratio)
-            # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
-            # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
-            bound = {"max_frozen_steps": None if name == "budget" else max_frozen_steps}
-
-            def factory(m, o, policy=policy, bound=bound):
-                return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
-                                            seed=seed, metric=metric, **bound)
+        modules[name] = module = _setting_module(task, name, seed, measure_batch, info)
+        factory = _scheduler_factory(name, module, seed, info, **schedule) if name in SCHEDULED else None
         runs[name] = tasks.TrainRun(modules[name], data, batch=batch, lr=lr, seed=seed,
                                     weight_decay=weight_decay, trim=trim, scheduler=factory)
+    _train_interleaved(runs, steps, f"{task.name} seed {seed}" if progress else None)
+    out: dict[str, Any] = {name: _measure_setting(modules[name], run, data, seed, measure_batch)
+                           for name, run in runs.items()}
+    for name, res in out.items():
+        ref = out.get(reference_of(name))
+        if ref is not None:
+            res["time_ratio_median"] = res["step_seconds_median"] / ref["step_seconds_median"]
+            res["time_ratio_sum"] = res["step_seconds_sum"] / ref["step_seconds_sum"]
+    out["_info"] = info
+    return out
 
-    bar = _progress(steps, f"{task.name} seed {seed}") if progress else None
+
+def _setting_module(task: Task, name: str, seed: int, measure_batch: dict, info: dict) -> torch.nn.Module:
+    """A fresh model of ``task`` for setting ``name``: with LoRA for the lora settings, compiled
+    (its compile time into ``info``) for all but the plain ones."""
+    model = task.make_model(seed)
+    if name.startswith("lora"):
+        model = with_lora(model)
+    if name in PLAIN:
+        return model
+    t0 = time.perf_counter()
+    module = slimfit_fx.compile(model, measure_batch, task.config)
+    info.setdefault("compile_seconds", {})[name] = time.perf_counter() - t0
+    return module
+
+
+def _scheduler_factory(name: str, module, seed: int, info: dict, *, ratio, exclude, frozen_state,
+                       max_frozen_steps, metric) -> Callable:
+    """``(model, optimizer) -> Scheduler`` of a scheduled setting: Budget (priced as a Ratio-sized
+    frozen set, the pricing into ``info``) for ``budget``, Ratio for the others."""
+    if name == "budget":
+        budget = ratio_sized_budget(module.plan, scheduled_layers(module.plan, exclude), ratio, seed)
+        info["budget"] = budget
+        policy = slimfit_fx.Budget(budget["bytes"])
+    else:
+        policy = slimfit_fx.Ratio(ratio)
+    # Under a Budget a layer whose cost alone exceeds the budget (MiniLM's word embeddings) can never
+    # train; the staleness bound cannot hold for it, and the Scheduler refuses a bound it cannot keep.
+    bound = {"max_frozen_steps": None if name == "budget" else max_frozen_steps}
+
+    def factory(m, o, policy=policy, bound=bound):
+        return slimfit_fx.Scheduler(m, o, policy, exclude=list(exclude), frozen_state=frozen_state,
+                                    seed=seed, metric=metric, **bound)
+
+    return factory
+
+
+def _train_interleaved(runs: dict, steps: int, progress: str | None) -> None:
+    """Step i of every run, then step i + 1; ``progress``: the bar's title (None: no bar)."""
+    bar = progress_bar(steps, progress) if progress is not None else None
     for step in range(steps):
         for run in runs.values():
             run.step()
@@ -221,48 +219,42 @@ def run_seed(task: Task, seed: int, *, settings=SETTINGS, steps=300, batch=16, l
     if bar is not None:
         bar.close()
 
-    out: dict[str, Any] = {}
-    for name, run in runs.items():
-        module, sched = modules[name], run.scheduler
-        res: dict[str, Any] = {"accuracy": tasks.evaluate(module, data), "final_loss": statistics.fmean(run.losses[-20:]),
-                               "step_seconds_median": statistics.median(run.step_seconds),
-                               "step_seconds_sum": sum(run.step_seconds)}
-        n_layers = len(slimfit_fx.analysis.layer_parameters(module.named_parameters()))
-        if sched is not None:
-            plan = getattr(module, "plan", None)
-            res.update(schedule_stats(plan, sched, n_layers))
-            res["frozen_at_end"] = len(sched.frozen)
-            res["scheduled_layers"] = len(sched.layers)
-            if plan is not None:
-                res["predicted_activations_at_end"] = plan.predict(
-                    frozen=set(sched.frozen) | sched._fixed_frozen).activations
-        else:
-            res["frozen_fraction_mean"] = 0.0
-        module.train()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            res["saved_bytes"] = saved_bytes(lambda: module(**measure_batch).loss, params=module)
-            opt = run.optimizer
+
+def _measure_setting(module, run, data: dict, seed: int, measure_batch: dict) -> dict:
+    """Accuracy, schedule statistics, saved bytes and step peak of one trained setting."""
+    sched = run.scheduler
+    res: dict[str, Any] = {"accuracy": tasks.evaluate(module, data), "final_loss": statistics.fmean(run.losses[-20:]),
+                           "step_seconds_median": statistics.median(run.step_seconds),
+                           "step_seconds_sum": sum(run.step_seconds)}
+    n_layers = len(slimfit_fx.analysis.layer_parameters(module.named_parameters()))
+    if sched is not None:
+        plan = getattr(module, "plan", None)
+        res.update(schedule_stats(plan, sched, n_layers))
+        res["frozen_at_end"] = len(sched.frozen)
+        res["scheduled_layers"] = len(sched.layers)
+        if plan is not None:
+            res["predicted_activations_at_end"] = plan.predict(
+                frozen=set(sched.frozen) | sched.fixed_frozen).activations
+    else:
+        res["frozen_fraction_mean"] = 0.0
+    module.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        res["saved_bytes"] = saved_bytes(lambda: module(**measure_batch).loss, params=module)
+        opt = run.optimizer
+        opt.zero_grad(set_to_none=True)
+
+        def step():
+            module(**measure_batch).loss.backward()
+            opt.step()
             opt.zero_grad(set_to_none=True)
 
-            def step():
-                module(**measure_batch).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            peak = peak_bytes(step, model=module, optimizer=opt, tensors=list(measure_batch.values()))
-        res["peak_bytes"] = peak.peak
-        res["peak_breakdown"] = {"parameters": peak.parameters, "gradients": peak.gradients,
-                                 "optimizer_state": peak.optimizer_state, "other": peak.other,
-                                 "offloaded": peak.offloaded}
-        out[name] = res
-    for name, res in out.items():
-        ref = out.get(reference_of(name))
-        if ref is not None:
-            res["time_ratio_median"] = res["step_seconds_median"] / ref["step_seconds_median"]
-            res["time_ratio_sum"] = res["step_seconds_sum"] / ref["step_seconds_sum"]
-    out["_info"] = info
-    return out
+        peak = peak_bytes(step, model=module, optimizer=opt, tensors=list(measure_batch.values()))
+    res["peak_bytes"] = peak.peak
+    res["peak_breakdown"] = {"parameters": peak.parameters, "gradients": peak.gradients,
+                             "optimizer_state": peak.optimizer_state, "other": peak.other,
+                             "offloaded": peak.offloaded}
+    return res
 
 
 def reference_of(setting: str) -> str:
@@ -277,7 +269,8 @@ def summarize(per_seed: dict[int, dict], settings) -> dict:
     for name in settings:
         rows = [per_seed[s][name] for s in per_seed]
         accs = [r["accuracy"] for r in rows]
-        entry = {"accuracy_mean": statistics.fmean(accs), "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+        entry = {"accuracy_mean": statistics.fmean(accs),
+                 "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
                  "accuracy_per_seed": accs,
                  "saved_bytes_mean": statistics.fmean(r["saved_bytes"] for r in rows),
                  "peak_bytes_mean": statistics.fmean(r["peak_bytes"] for r in rows),
@@ -298,6 +291,7 @@ def summarize(per_seed: dict[int, dict], settings) -> dict:
 
 
 def table(per_seed: dict[int, dict], summary: dict, settings, fmt: str = "github") -> str:
+    """Per-seed rows and the mean row of every setting, as a table in ``fmt``."""
     headers = ["setting", "seed", "accuracy (Δ to reference)", "saved act. MiB", "peak step MiB",
                "time ratio to reference (median / sum)", "frozen fraction"]
     rows = []
@@ -317,6 +311,7 @@ def table(per_seed: dict[int, dict], summary: dict, settings, fmt: str = "github
 
 
 def environment() -> dict:
+    """Date, machine, versions and command line of this run."""
     import transformers
 
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -329,6 +324,7 @@ def environment() -> dict:
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options finetune.py shares with reproduce_accuracy.py."""
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ratio", type=float, default=0.9, help="freezing ratio of the ratio setting and of the "
                    "frozen sets that price the budget (default 0.9)")
@@ -360,12 +356,14 @@ def _bound(text: str):
 
 
 def apply_common_args(args: argparse.Namespace) -> None:
+    """Apply --threads and seed torch's global RNG."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
 
 def main(argv=None) -> int:
+    """Train and measure every setting for every seed; print the table and write the JSON."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300)

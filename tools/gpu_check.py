@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from common import log  # noqa: E402
 
 # (model, batch, seq, [(precision, step-time limit)], peak limit as a fraction of plain eager's)
 PRECISIONS = [("fp32", 0.85), ("bf16-autocast", 0.90)]
@@ -41,10 +42,6 @@ WORKLOADS = [("bert-base", 32, 128, PRECISIONS, 1 / 3), ("gpt2", 8, 512, PRECISI
 QUICK = [("bert-base", 2, 32, PRECISIONS, 1 / 3), ("gpt2", 1, 64, PRECISIONS, 1 / 3),
          ("llama-tiny", 2, 64, [("fp32", 0.75)], 1 / 2.5)]  # --quick: the CPU runs bf16 matmuls slowly
 SETTINGS = "pytorch,pytorch+freeze,slimfit-off,slimfit"
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def check_kernels(device: str) -> list[str]:
@@ -86,15 +83,17 @@ def check_kernels(device: str) -> list[str]:
 
 
 def run_bench(model: str, batch: int, seq: int, precision: str, device: str, repeats: int, out: Path) -> dict:
+    """Run tools/bench_memory.py on one workload; its JSON result."""
     cmd = [sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--model", model, "--batch", str(batch),
            "--seq", str(seq), "--precision", precision, "--device", device, "--settings", SETTINGS,
            "--repeats", str(repeats), "--out", str(out)]
-    log(" ".join(cmd[1:]))
+    log(" ".join(cmd[1:]), stream=sys.stdout)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return json.loads(out.with_suffix(".json").read_text())
 
 
 def judge(result: dict, limit: float, device: str, peak_limit: float = 1 / 3) -> tuple[list[str], dict]:
+    """The failures of one bench result against its limits, and the figures judged."""
     rows = result["rows"]
     plain, slim = rows["pytorch"], rows["slimfit"]
     measured = slim.get("cuda_max_allocated") if device == "cuda" else slim.get("peak")
@@ -116,6 +115,7 @@ def judge(result: dict, limit: float, device: str, peak_limit: float = 1 / 3) ->
 
 
 def main(argv=None) -> int:
+    """Kernels (on CUDA), then every workload; print the table, write JSON and markdown; 0 when all hold."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 10 on CUDA, 3 on the CPU)")
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
               "torch": torch.__version__, "runs": [], "failures": []}
     if args.device == "cuda":
-        log("kernels against the reference")
+        log("kernels against the reference", stream=sys.stdout)
         report["kernel_failures"] = check_kernels("cuda")
         report["failures"] += report["kernel_failures"]
     for model, batch, seq, precisions, peak_limit in (QUICK if args.quick else WORKLOADS):

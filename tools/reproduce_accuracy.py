@@ -4,13 +4,13 @@ Two real transfer tasks, built offline from installed packages (nothing is downl
 
   minilm-vader   the packaged pretrained all-MiniLM-L6-v2 fine-tuned to tell positive from
                  negative VADER-lexicon words in short sentences, tested on held-out words
-                 (slimfit_fx.tasks.vader_sentiment; the settings of tools/finetune.py)
+                 (tools/tasks.py: vader_sentiment; the settings of tools/finetune.py)
   pydoc-lm       a byte-level LLaMA pre-trained on the standard library's sources, fine-tuned on
                  pydoc_data.topics, bits per byte on held-out topics (tools/decoder_accuracy.py)
   vit-digits     a tiny ViT (1 channel, 8x8 images in 2x2 patches, hidden 64, 4 layers)
                  pre-trained here on scikit-learn's digits 0-4, then fine-tuned on digits 5-9
                  (labels 0-4, a new head), tested on held-out images
-                 (slimfit_fx.tasks.digits_transfer)
+                 (tools/tasks.py: digits_transfer)
 
 For each task and seed, three settings are trained side by side (interleaved steps, same
 batches, same steps): full fine-tuning (plain PyTorch), slimfit_fx.compile +
@@ -31,19 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-import torch
-from tabulate import tabulate
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import decoder_accuracy  # noqa: E402  (tools/decoder_accuracy.py: the pydoc-lm task)
 import finetune  # noqa: E402  (tools/finetune.py: run_seed, summarize, table, environment)
-from finetune import MiB, Task, log  # noqa: E402
-
-from slimfit_fx import tasks  # noqa: E402
+import tasks  # noqa: E402  (tools/tasks.py: the digits task and the tiny ViT)
+import torch
+from common import log, progress_bar  # noqa: E402
+from finetune import MiB, Task  # noqa: E402
+from tabulate import tabulate
 
 TASKS = ("minilm-vader", "vit-digits", "pydoc-lm")
 
@@ -61,7 +58,7 @@ def pretrain_digits_vit(digits: dict, steps: int, batch: int, lr: float, weight_
     a record (accuracy on held-out 0-4 images, seconds)."""
     model = tasks.tiny_vit_classifier(num_labels=5, seed=seed)
     run = tasks.TrainRun(model, digits["pretrain"], batch=batch, lr=lr, seed=seed, weight_decay=weight_decay)
-    bar = finetune._progress(steps, "vit pre-training on digits 0-4") if progress else None
+    bar = progress_bar(steps, "vit pre-training on digits 0-4") if progress else None
     start = time.perf_counter()
     for _ in range(steps):
         run.step()
@@ -92,6 +89,7 @@ def vit_task(digits: dict, pretrained: dict | None) -> Task:
 
 
 def study_table(results: dict, fmt: str = "github") -> str:
+    """The summary of every task and setting as a table in ``fmt``."""
     headers = ["task", "setting", "accuracy % (mean ± std)", "per seed", "Δ to full", "saved act. vs full",
                "peak step vs full", "step time vs full", "frozen"]
     rows = []
@@ -108,6 +106,25 @@ def study_table(results: dict, fmt: str = "github") -> str:
 
 
 def main(argv=None) -> int:
+    """Run every requested task and seed, print the tables, write the results and the docs page."""
+    args = _parser().parse_args(argv)
+    finetune.apply_common_args(args)
+    results: dict[str, dict] = {}
+    extra: dict[str, object] = {}
+    shared = dict(settings=args.settings, ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
+                  progress=not args.no_progress)
+    for task_name in args.tasks:
+        if task_name == "pydoc-lm":  # a language-modelling task: bits per byte, its own table
+            extra["pydoc_lm"] = decoder_accuracy.run(args.seeds)
+            print("\npydoc-lm\n" + decoder_accuracy.markdown(extra["pydoc_lm"]))
+            continue
+        results[task_name] = run_task(task_name, args, shared, extra)
+    _write_results(results, extra, args)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The command line: the tasks and their settings, plus finetune.py's common options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -120,56 +137,60 @@ def main(argv=None) -> int:
     p.add_argument("--md", default="results/accuracy.md")
     p.add_argument("--docs", default="docs/ACCURACY.md", help="markdown page to rewrite ('' to skip)")
     finetune.add_common_args(p)
-    args = p.parse_args(argv)
-    finetune.apply_common_args(args)
-    results: dict[str, dict] = {}
-    extra: dict[str, object] = {}
-    common = dict(settings=args.settings, ratio=args.ratio, exclude=args.exclude, frozen_state=args.frozen_state,
-                  progress=not args.no_progress)
-    for task_name in args.tasks:
-        if task_name == "pydoc-lm":  # a language-modelling task: bits per byte, its own table
-            extra["pydoc_lm"] = decoder_accuracy.run(args.seeds)
-            print("\npydoc-lm\n" + decoder_accuracy.markdown(extra["pydoc_lm"]))
-            continue
-        cfg = dict(DEFAULTS[task_name])
-        if args.steps is not None:
-            cfg["steps"] = args.steps
-        cfg["lr"] = args.vader_lr if task_name == "minilm-vader" else args.vit_lr
-        per_seed = {}
-        if task_name == "vit-digits":
-            digits = tasks.digits_transfer(seed=0)
-            log("pre-training the tiny ViT on digits 0-4")
-            state, record = pretrain_digits_vit(digits, args.vit_pretrain_steps, VIT_PRETRAIN["batch"],
-                                                VIT_PRETRAIN["lr"], VIT_PRETRAIN["weight_decay"], VIT_PRETRAIN["seed"],
-                                                progress=not args.no_progress)
-            log(f"pre-trained: {100 * record['accuracy_digits_0_4']:.1f}% on held-out digits 0-4 "
-                f"in {record['seconds']:.0f} s")
-            extra["vit_pretraining"] = record
-            if args.vit_scratch:
-                scratch = {}
-                for seed in args.seeds:
-                    r = finetune.run_seed(vit_task(digits, None), seed, **{**common, "settings": ["full"]}, **cfg)
-                    scratch[seed] = r["full"]["accuracy"]
-                extra["vit_scratch_full_accuracy"] = scratch
-                log(f"from random init (no pre-training), full fine-tuning: {scratch}")
-        for seed in args.seeds:
-            log(f"{task_name} seed {seed}")
-            if task_name == "minilm-vader":
-                task = finetune.vader_task(seed)
-            else:
-                # The digits split is fixed (seed 0: the pre-training saw none of its test images);
-                # the seed draws the head, batch order, dropout and the scheduler's initial scores.
-                task = vit_task(digits, state)
-            task.config = finetune.FORMATS[args.formats]()
-            per_seed[seed] = finetune.run_seed(task, seed, **common, **cfg)
-            for name in args.settings:
-                r = per_seed[seed][name]
-                log(f"{task_name} seed {seed} {name}: {100 * r['accuracy']:.1f}%")
-        summary = finetune.summarize(per_seed, args.settings)
-        print(f"\n{task_name} ({cfg})\n" + finetune.table(per_seed, summary, args.settings))
-        results[task_name] = {"config": cfg, "per_seed": {str(k): v for k, v in per_seed.items()},
-                              "summary": summary}
+    return p
 
+
+def run_task(task_name: str, args, shared: dict, extra: dict) -> dict:
+    """Every seed of one classification task (the ViT pre-trained first, its record into ``extra``);
+    prints the task's table and returns its config, per-seed results and summary."""
+    cfg = dict(DEFAULTS[task_name])
+    if args.steps is not None:
+        cfg["steps"] = args.steps
+    cfg["lr"] = args.vader_lr if task_name == "minilm-vader" else args.vit_lr
+    per_seed = {}
+    if task_name == "vit-digits":
+        digits, state = _pretrained_vit(args, shared, cfg, extra)
+    for seed in args.seeds:
+        log(f"{task_name} seed {seed}")
+        if task_name == "minilm-vader":
+            task = finetune.vader_task(seed)
+        else:
+            # The digits split is fixed (seed 0: the pre-training saw none of its test images);
+            # the seed draws the head, batch order, dropout and the scheduler's initial scores.
+            task = vit_task(digits, state)
+        task.config = finetune.FORMATS[args.formats]()
+        per_seed[seed] = finetune.run_seed(task, seed, **shared, **cfg)
+        for name in args.settings:
+            r = per_seed[seed][name]
+            log(f"{task_name} seed {seed} {name}: {100 * r['accuracy']:.1f}%")
+    summary = finetune.summarize(per_seed, args.settings)
+    print(f"\n{task_name} ({cfg})\n" + finetune.table(per_seed, summary, args.settings))
+    return {"config": cfg, "per_seed": {str(k): v for k, v in per_seed.items()}, "summary": summary}
+
+
+def _pretrained_vit(args, shared: dict, cfg: dict, extra: dict) -> tuple[dict, dict]:
+    """The digits task and the tiny ViT pre-trained on digits 0-4 (and, with --vit-scratch, full
+    fine-tuning from random init for comparison); the records go into ``extra``."""
+    digits = tasks.digits_transfer(seed=0)
+    log("pre-training the tiny ViT on digits 0-4")
+    state, record = pretrain_digits_vit(digits, args.vit_pretrain_steps, VIT_PRETRAIN["batch"],
+                                        VIT_PRETRAIN["lr"], VIT_PRETRAIN["weight_decay"], VIT_PRETRAIN["seed"],
+                                        progress=not args.no_progress)
+    log(f"pre-trained: {100 * record['accuracy_digits_0_4']:.1f}% on held-out digits 0-4 "
+        f"in {record['seconds']:.0f} s")
+    extra["vit_pretraining"] = record
+    if args.vit_scratch:
+        scratch = {}
+        for seed in args.seeds:
+            r = finetune.run_seed(vit_task(digits, None), seed, **{**shared, "settings": ["full"]}, **cfg)
+            scratch[seed] = r["full"]["accuracy"]
+        extra["vit_scratch_full_accuracy"] = scratch
+        log(f"from random init (no pre-training), full fine-tuning: {scratch}")
+    return digits, state
+
+
+def _write_results(results: dict, extra: dict, args) -> None:
+    """Print the study table; write results/accuracy.json, the markdown and (unless --docs '') the docs page."""
     env = finetune.environment()
     main_table = study_table(results)
     print("\n" + main_table)
@@ -189,7 +210,6 @@ def main(argv=None) -> int:
     if args.docs:
         write_docs(args.docs, md)
         log(f"updated {args.docs}")
-    return 0
 
 
 BEGIN, END = "<!-- BEGIN GENERATED by tools/reproduce_accuracy.py -->", "<!-- END GENERATED -->"
@@ -212,6 +232,7 @@ def write_docs(path: str, md: str) -> None:
 
 
 def render_markdown(main_table: str, per_seed_tables: str, env: dict, extra: dict, args) -> str:
+    """The generated part of docs/ACCURACY.md: command, machine, settings and tables."""
     m, v = env["machine"], env["versions"]
     lines = [
         "## Latest run",
@@ -248,7 +269,7 @@ def render_markdown(main_table: str, per_seed_tables: str, env: dict, extra: dic
                   f"{100 * r['accuracy_digits_0_4']:.1f}% on held-out digits 0-4, {r['seconds']:.0f} s."]
     if extra.get("vit_scratch_full_accuracy"):
         accs = extra["vit_scratch_full_accuracy"]
-        lines += [f"ViT fine-tuned on 5-9 from random init instead (full fine-tuning, no pre-training): "
+        lines += ["ViT fine-tuned on 5-9 from random init instead (full fine-tuning, no pre-training): "
                   + ", ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()) + "."]
     if extra.get("pydoc_lm"):
         lines += ["", "### pydoc-lm: a decoder LLM task (bits per byte)", "",

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 
-from slimfit_fx.analysis import Save, cast_source
 from slimfit_fx.extend import Fusion, register_pattern
+from slimfit_fx.nodes import arg, cast_source, is_op, numel, size, value
+from slimfit_fx.op_table import Save
 from slimfit_fx.ops.cross_entropy import chunk_rows, linear_cross_entropy
 
-from ._walk import arg, is_op, numel, size, through_views, value
+from .walk import through_views
 
 _REDUCTIONS = {1: "mean", 2: "sum"}
 
@@ -31,6 +32,7 @@ def _softcap(node):
 
 
 def match(node, ctx):
+    """The fusion of an LM head's cross-entropy ending at ``node``, or None."""
     if not (ctx.config.fuse_cross_entropy and is_op(node, "aten.cross_entropy_loss")):
         return None
     logits, target = node.args[0], node.args[1]

@@ -8,12 +8,11 @@ as ``tanh(S / cap) * cap`` (Gemma2), and a mask that never requires grad.  Emits
 """
 from __future__ import annotations
 
-from slimfit_fx.analysis import Save, cast_source, format_for
 from slimfit_fx.extend import Fusion, register_pattern
-from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.nodes import arg, cast_source, is_op, numel, value
+from slimfit_fx.op_table import Save, format_for
 from slimfit_fx.ops.attention_eager import eager_attention_quantized
-
-from ._walk import arg, is_op, numel, value
+from slimfit_fx.ops.saved import fmt_to_args
 
 
 def _scalar_op(node, key):
@@ -40,7 +39,20 @@ def _probs(p):
     return p, inner + [p]
 
 
+def _softcap(s):
+    """``(scores, cap, inner nodes)`` when ``s`` is ``tanh(scores / cap) * cap`` (Gemma2), else None."""
+    capped = _scalar_op(s, "aten.mul")
+    if capped is None or not is_op(capped[0], "aten.tanh") or not _scalar_op(capped[0].args[0], "aten.div"):
+        return None
+    tanh, cap = capped
+    div = tanh.args[0]
+    if _scalar_op(div, "aten.div")[1] != cap:
+        return None
+    return div.args[0], cap, [s, tanh, div]
+
+
 def match(node, ctx):
+    """The fusion of a written-out attention ending at ``node`` (``matmul(P, v)``), or None."""
     config = ctx.config
     if not (config.quantizes_attention and is_op(node, "aten.matmul") and len(node.args) == 2):
         return None
@@ -53,13 +65,10 @@ def match(node, ctx):
         inner.append(s)
         s, mask = s.args
     softcap = None
-    capped = _scalar_op(s, "aten.mul")
-    if capped is not None and is_op(capped[0], "aten.tanh") and _scalar_op(capped[0].args[0], "aten.div"):
-        tanh, cap = capped[0], capped[1]
-        div = tanh.args[0]
-        if _scalar_op(div, "aten.div")[1] == cap:
-            inner += [s, tanh, div]
-            s, softcap = div.args[0], cap
+    capped = _softcap(s)
+    if capped is not None:
+        s, softcap, cap_nodes = capped
+        inner += cap_nodes
     scaled = _scalar_op(s, "aten.mul")
     if scaled is None or not is_op(scaled[0], "aten.matmul"):
         return None

@@ -9,12 +9,11 @@ down-projection keeps it in ``ffn_out_input_format`` while it trains (``quantize
 """
 from __future__ import annotations
 
-from slimfit_fx.analysis import Save, format_for
 from slimfit_fx.extend import Fusion, register_pattern
-from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.nodes import arg, is_op, numel, value
+from slimfit_fx.op_table import Save, format_for
 from slimfit_fx.ops.glu import glu
-
-from ._walk import arg, is_op, numel, value
+from slimfit_fx.ops.saved import fmt_to_args
 
 
 def _keep(index, fmt, node, when, role, share):
@@ -24,6 +23,7 @@ def _keep(index, fmt, node, when, role, share):
 
 
 def match(node, ctx):
+    """The fusion of a gated MLP's product at ``node``, or None."""
     config = ctx.config
     if not (config.fuse_gated_mlp and is_op(node, "aten.mul") and len(node.args) == 2):
         return None

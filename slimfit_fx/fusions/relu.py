@@ -6,14 +6,14 @@ hidden activation, so a Linear reading it keeps it in ``ffn_out_input_format`` w
 """
 from __future__ import annotations
 
-from slimfit_fx.analysis import Save
 from slimfit_fx.extend import Fusion, register_pattern
+from slimfit_fx.nodes import is_op, value
+from slimfit_fx.op_table import Save
 from slimfit_fx.ops.relu import relu_bits
-
-from ._walk import is_op, value
 
 
 def match(node, ctx):
+    """The fusion of ``aten.relu`` at ``node``, or None."""
     if not (ctx.config.relu_bits and is_op(node, "aten.relu")) or value(node) is None:
         return None
     if not value(node).is_floating_point():

@@ -8,12 +8,12 @@ Matches the RMSNorm HF models write out in ops, ``y = x * rsqrt(mean(x^2, -1) + 
 """
 from __future__ import annotations
 
-from slimfit_fx.analysis import Save, cast_source, format_for, pruned_layernorm_bytes
 from slimfit_fx.extend import Fusion, register_pattern
-from slimfit_fx.ops._saved import fmt_to_args
+from slimfit_fx.nodes import arg, cast_source, is_op, numel, size, value
+from slimfit_fx.op_table import Save, format_for
 from slimfit_fx.ops.rmsnorm import rms_norm
-
-from ._walk import arg, is_op, numel, size, value
+from slimfit_fx.ops.saved import fmt_to_args
+from slimfit_fx.quant import pruned_layernorm_bytes
 
 
 def _normalized(y):
@@ -54,6 +54,7 @@ def _scaled(out, ctx):
 
 
 def match(node, ctx):
+    """The fusion of a written-out RMSNorm ending at ``node`` (its scaling by the weight), or None."""
     config = ctx.config
     if not config.fuse_rmsnorm:
         return None

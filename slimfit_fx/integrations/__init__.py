@@ -1,11 +1,14 @@
 """Integrations: torch.compile backend, HuggingFace Trainer, torch.distributed.
 
-``slimfit_fx.integrations.SlimFitCallback`` and the other names below load their module on
-first use, so importing slimfit_fx does not import the Trainer, accelerate or torch._dynamo.
+Takes the core (``slimfit_fx.compiler``, ``slimfit_fx.scheduler``); gives ``SlimFitCallback`` and the
+other names below, each loading its module on first use, and registers ``compile(mode="compiled")``.
+Never imports the Trainer, accelerate or torch._dynamo when imported itself (``import slimfit_fx`` does).
 """
 from __future__ import annotations
 
 import importlib
+
+from ..compiler import register_compiled_mode
 
 _LAZY = {
     "SlimFitCallback": "huggingface",
@@ -28,3 +31,13 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def _compiled_module(model, config, example_inputs):
+    """``compile(mode="compiled")``: the torch.compile module, its module (and torch._dynamo) loaded now."""
+    from .dynamo import CompiledSlimFitModule
+
+    return CompiledSlimFitModule(model, config, example_inputs)
+
+
+register_compiled_mode(_compiled_module)

@@ -1,35 +1,12 @@
 """SlimFit under ``torch.distributed``: DistributedDataParallel with per-iteration freezing.
 
-The scheduler flips ``requires_grad`` of most weight tensors after every
-optimizer step.  DistributedDataParallel (DDP) copes with that only when it is
-built the right way (docs/DISTRIBUTED.md has the evidence):
-
-* ``find_unused_parameters=True``: without it DDP waits for a gradient of every
-  parameter it manages and fails at the next forward ("Expected to have
-  finished reduction in the prior iteration ...").  With it, a frozen weight is
-  unused on every rank (the scheduler's decisions are the same everywhere), so
-  DDP leaves its ``grad`` at None and the optimizer does not move it.
-* ``static_graph=False`` (the default): a static graph fixes the used
-  parameters at the first iteration and fails when the frozen set changes.
-* DDP must be built while every scheduled layer requires grad.  DDP only
-  averages the gradients of the parameters that required grad when it was
-  built; a layer the scheduler had frozen at that moment is never averaged,
-  and the ranks drift apart silently.
-
-:func:`wrap_ddp` builds DDP that way, whatever the order in which the
-scheduler and DDP are created; :func:`check_ddp` checks a DDP built by hand and
-raises :class:`DistributedConfigError` naming the fix.
-
-Usage (one process per rank, ``torch.distributed.init_process_group`` done)::
-
-    model = slimfit_fx.compile(model, example)        # optional
-    ddp = slimfit_fx.integrations.distributed.wrap_ddp(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    sched = slimfit_fx.Scheduler(model, optimizer, slimfit_fx.Ratio(0.9))  # the inner module, not ddp
-    for batch in loader:                               # each rank its own shard
-        ddp(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+Takes a module (plain or ``slimfit_fx.compile``'d) and its ``Scheduler``s.  Gives ``wrap_ddp``: DDP
+built so that it averages every scheduled layer whenever it trains (``find_unused_parameters=True``,
+``static_graph=False``, built while every scheduled layer requires grad; optionally the
+``allreduce_trained`` hook), ``check_ddp`` for a DDP built by hand, and ``ddp_kwargs``.
+docs/DISTRIBUTED.md has the evidence and the usage.
+Never leaves a layer's ``requires_grad`` changed, nor accepts a DDP under which ranks would drift apart
+or fail: ``DistributedConfigError`` names the fix.
 """
 from __future__ import annotations
 

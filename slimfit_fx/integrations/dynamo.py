@@ -1,100 +1,11 @@
 """torch.compile integration: the ``"slimfit"`` dynamo backend and ``compile(mode="compiled")``.
 
-What the backend does
----------------------
-Dynamo hands a backend a torch-level FX graph (``torch.nn.functional.linear``,
-``torch.nn.functional.dropout`` ...) whose placeholders are the frame's inputs
-*and* every parameter and buffer it reads (since torch 2.5 dynamo inlines
-``nn.Module`` code and lifts parameters to graph inputs).  The passes in
-``passes/`` match ATen training-IR ops (``aten.linear``, ``aten.gelu``,
-``aten.layer_norm``, ``aten.dropout``, ``aten.scaled_dot_product_attention``),
-so the backend
-
-1. lowers the dynamo graph to ATen training IR with
-   ``make_fx(gm, pre_dispatch=True)`` under dynamo's own fake mode, on the
-   placeholders' fake values (symbolic batch/sequence sizes kept).  This is the
-   tracer under non-strict ``torch.export``, i.e. ``slimfit_fx.trace``: the
-   rewritten graph calls the same slimfit ops and its plan predicts the same
-   bytes as the eager module's (tests/test_backend.py);
-2. turns the placeholders that carry an ``nn.Parameter`` (or a buffer) into
-   ``get_attr`` nodes named by the parameter's path (taken from dynamo's source,
-   ``L['self']._modules['bert']...._parameters['weight']`` -> ``bert....weight``),
-   so the graph looks exactly like ``trace``'s to the analysis and the passes;
-3. runs the analysis (``plan_for_graph``: a MemoryPlan per graph) and
-   ``extend.pipeline()``: one implementation of the rewrites for both paths;
-4. turns the ``get_attr`` nodes back into the original placeholders and returns
-   a callable that runs the rewritten graph eagerly.
-
-The returned callable runs the graph with PyTorch's eager kernels: the rewritten
-ops are ``autograd.Function``s whose behaviour depends on run-time state (the
-freeze gate ``weight.requires_grad``, the RNG state of dropout), which inductor
-cannot trace into a fixed kernel without baking one frozen set in.  So
-``backend="slimfit"`` saves the same activations as ``slimfit_fx.compile``'s
-eager module and runs at about its speed (no inductor codegen; see
-tools/bench_compile.py for the measured ratio).
-
-Dynamic freezing without recompiles
------------------------------------
-Dynamo guards every tensor input with a TENSOR_MATCH guard: dtype, device,
-shape, strides, dispatch keys *and requires_grad*.  Parameters are tensor
-inputs, so every new frozen set fails a guard and recompiles; at
-``torch._dynamo.config.recompile_limit`` (8) dynamo gives up on the frame and
-runs it as plain eager PyTorch from then on, silently dropping every SlimFit
-rewrite (only a log warning says so).  Measured on the tiny BERT of
-tests/conftest.py with 90% of its 22 layers frozen at random each iteration:
-whole-model ``torch.compile`` hits the limit at iteration 9.
-
-Regional compilation (``for block in encoder.layer: block.compile(...)``) does
-not avoid it in torch 2.13: the blocks' parameters are graph inputs with the
-same guard, a block has 8 freezable weights (256 patterns), and all blocks
-share one code object and its 8 cache entries; with random 90% freezing it hit
-the limit at iteration 6.  It stays at one graph only while the blocks' own
-weights do not flip (e.g. when only layers outside the blocks are frozen at
-random), which is presumably what an early probe's "2 graphs over 20 iterations"
-saw.  It would also leave everything outside the blocks (embeddings, their
-dropout mask and LayerNorm) unrewritten.
-
-The design here: the graph the backend returns does not depend on
-``requires_grad`` (the ATen training IR is captured above autograd, and the
-rewritten ops read the gate when they run), so that guard protects nothing.
-``guard_filter`` (a ``torch.compile(..., options={"guard_filter_fn": ...})``
-hook; torch's own ``torch.compiler.keep_tensor_guards_unsafe`` drops these
-guards too, with many more) drops the TENSOR_MATCH guard of exactly the parameters that
-are inputs of a graph this backend compiled; every other guard (inputs,
-buffers, grad mode, module attributes, the model config) stays.  What the
-dropped guard also checked (dtype, device, shape) is checked by the returned
-callable on every call, and a mismatch raises ``ParameterChanged``
-(``.to()``/``.half()`` after compiling: call ``torch._dynamo.reset()``;
-``CompiledSlimFitModule`` compiles afresh by itself).
-
-Bound: the number of graphs does not depend on the frozen set.  It is one
-graph per dynamo frame and guard state of everything else: the first call;
-one recompile per symbolic dimension regime when batch or sequence lengths
-change (dynamo's automatic dynamic shapes: one more graph with symbolic
-sizes); one per change of the model's own state (HF's sequence classifier
-sets ``config.problem_type`` during its first call, which fails a guard
-once); graph breaks multiply by the number of frames.  For the tiny BERT over
-100 iterations of random 90% freezing (95 distinct frozen sets): at most 2
-graphs while the batch shape is fixed and at most 3 once batch and sequence
-vary, no recompile with a requires_grad reason and no recompile-limit hit
-(tests/test_backend.py asserts ``counters["stats"]["unique_graphs"]`` and
-dynamo's recompile reasons).
-
-What it costs and what does not work
-------------------------------------
-* ``torch.compile(model, backend="slimfit")`` without the guard filter is
-  correct but recompiles on every new frozen set; the backend warns the first
-  time it sees such a recompile.  ``slimfit_fx.compile(model, mode="compiled")``
-  passes the filter (and ``isolate_recompiles=True`` where torch has it).
-* Dropping the parameters' guards assumes the model's Python does not branch on
-  ``param.requires_grad`` inside ``forward`` (HF models do not).  A branch on it
-  would be baked into the graph for the first frozen set seen.
-* No inductor code generation: the rewritten graph runs op by op.
-* ``make_fx`` pre-dispatch records a ``torch.no_grad()`` region inside
-  ``forward`` as ``_set_grad_enabled`` calls rather than export's
-  ``wrap_with_set_grad_enabled``; the ops in it run correctly but the plan
-  counts them as recorded.  A graph that cannot be lowered runs unrewritten,
-  with a warning (``SlimFitBackend.fallbacks``).
+Takes the torch-level graphs dynamo captures, parameters lifted to inputs.  Gives a ``CompiledGraph``
+per graph (lowered to ATen training IR, priced and rewritten by the analysis and passes of
+``slimfit_fx.compile``, run with eager kernels), ``guard_filter`` (the frozen set changes without
+recompiling) and ``CompiledSlimFitModule``.  docs/DESIGN.md, "The torch.compile backend", says why.
+Never keeps a parameter or a compiled module alive, bakes a frozen set into a graph, or drops a guard
+but the TENSOR_MATCH guard of a parameter that one of its graphs takes.
 """
 from __future__ import annotations
 
@@ -109,10 +20,10 @@ import torch
 from torch import fx, nn
 
 from ..compiler import SlimFitModule, plan_for_graph
-from ..extend import pipeline
 from ..config import SlimFitConfig
+from ..extend import pipeline
 from ..precision import autocast_disabled, autocast_state, materialize_autocast
-from ..trace import normalize_inputs, shape_signature, trace
+from ..trace import input_signature, normalize_inputs, trace, training_mode
 
 __all__ = [
     "SlimFitBackend",
@@ -132,6 +43,7 @@ class _WeakParams:
         self._refs: dict[int, weakref.ref] = {}
 
     def add(self, p: torch.Tensor) -> None:
+        """Hold ``p`` (weakly)."""
         key = id(p)
         if key not in self._refs or self._refs[key]() is not p:
             self._refs[key] = weakref.ref(p, lambda _ref, key=key: self._refs.pop(key, None))
@@ -141,9 +53,32 @@ class _WeakParams:
         return ref is not None and ref() is p
 
 
+class _PatternsSeen:
+    """The parameters' ``requires_grad`` patterns compiled per signature of a graph's inputs.  A signature
+    names its parameters by ``id``: its entry goes when one of them dies, so a parameter made where a
+    freed one was starts afresh and nothing is kept for parameters that are gone."""
+
+    def __init__(self):
+        self._entries: dict[tuple, tuple[list, set]] = {}
+
+    def __contains__(self, signature: tuple) -> bool:
+        """Whether patterns are held for ``signature``."""
+        return signature in self._entries
+
+    def patterns(self, signature: tuple, params: list[torch.Tensor]) -> set:
+        """The patterns seen for ``signature`` (whose parameters are ``params``), to read and add to."""
+        entry = self._entries.get(signature)
+        if entry is None:
+            def forget(_ref, signature=signature):
+                self._entries.pop(signature, None)
+
+            entry = self._entries[signature] = ([weakref.ref(p, forget) for p in params], set())
+        return entry[1]
+
+
 _GATED = _WeakParams()  # inputs of a graph this backend compiled: their guard may go
 _UNGUARDED = _WeakParams()  # whose guard guard_filter did drop
-_SEEN: dict[tuple, set] = {}  # graph inputs' signature -> parameters' requires_grad patterns compiled
+_SEEN = _PatternsSeen()
 
 
 def guard_filter(entries: Sequence[Any]) -> list[bool]:
@@ -325,20 +260,6 @@ class CompiledGraph:
             return self.graph_module(*args)
 
 
-def _signature(example_inputs) -> tuple:
-    """What a recompile for a new frozen set leaves unchanged: inputs' identity (parameters) or
-    metadata (everything else)."""
-    sig = []
-    for x in example_inputs:
-        if isinstance(x, nn.Parameter):
-            sig.append(("param", id(x), x.dtype, tuple(x.shape)))
-        elif isinstance(x, torch.Tensor):
-            sig.append(("tensor", x.dtype, tuple(x.shape), x.requires_grad))
-        else:
-            sig.append(("value", type(x).__name__, x if isinstance(x, (int, float, bool)) else None))
-    return tuple(sig)
-
-
 def _requires_grad(example_inputs) -> tuple:
     return tuple(x.requires_grad for x in example_inputs if isinstance(x, nn.Parameter))
 
@@ -403,8 +324,9 @@ class SlimFitBackend:
         params = [x for x in example_inputs if isinstance(x, nn.Parameter)]
         if any(p in _UNGUARDED for p in params):
             return
-        sig, rg = _signature(example_inputs), _requires_grad(example_inputs)
-        seen = _SEEN.setdefault(sig, set())
+        # What a recompile for a new frozen set leaves unchanged: the parameters, the other inputs' metadata.
+        sig, rg = input_signature(example_inputs, by="identity", autocast=False), _requires_grad(example_inputs)
+        seen = _SEEN.patterns(sig, params)
         if seen and rg not in seen:
             warnings.warn(
                 "slimfit backend: torch.compile recompiled this graph because parameters' requires_grad "
@@ -438,14 +360,10 @@ class CompiledSlimFitModule(SlimFitModule):
         self._reset_compiled()
         if example_inputs is not None:
             inputs = normalize_inputs(example_inputs)
-            was_training = model.training
-            model.train()
-            try:
+            with training_mode(model):
                 gm = trace(model, inputs, dynamic=True)
-            finally:
-                model.train(was_training)
             object.__setattr__(self, "plan", plan_for_graph(gm, config, model))
-            object.__setattr__(self, "plan_signature", shape_signature(inputs.args, inputs.kwargs))
+            object.__setattr__(self, "plan_signature", input_signature(inputs.args, inputs.kwargs))
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -479,6 +397,7 @@ class CompiledSlimFitModule(SlimFitModule):
             object.__setattr__(self, "plan", compiled.plan)
 
     def forward(self, *args, **kwargs):
+        """Training: through ``torch.compile`` and the slimfit backend; else the original forward."""
         if not self.training:
             return self.original(*args, **kwargs)
         self._check_parameters()
@@ -492,5 +411,6 @@ class CompiledSlimFitModule(SlimFitModule):
         return out
 
     def extra_repr(self) -> str:
+        """The original model's class and how many graphs torch.compile compiled."""
         return (f"SlimFit of {type(self.original).__name__} through torch.compile, "
                 f"{len(self.backend.graphs)} compiled graph(s)")

@@ -1,41 +1,26 @@
 """HuggingFace Trainer integration: a callback that runs the SlimFit scheduler.
 
-::
-
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[SlimFitCallback(policy=Ratio(0.9), compile=True)])
 
-``SlimFitCallback`` attaches a :class:`slimfit_fx.Scheduler` to the optimizer
-the Trainer creates (at ``on_train_begin``, after the optimizer exists) and
-adds ``slimfit/frozen_fraction`` and ``slimfit/predicted_activation_bytes``
-to every log.  The scheduler's state is saved with the optimizer in every
-checkpoint, so ``trainer.train(resume_from_checkpoint=<any path>)`` restores it
-(resuming from a checkpoint without it warns).  It compiles nothing unless asked: with ``compile=True`` the
-Trainer's model is compiled *in place* (:func:`compile_in_place`), because the
-Trainer keeps using its own model object for signatures, ``config``, saving
-and evaluation; a separate wrapper module would break those.  The compile
-happens when the Trainer is built (``on_init_end``), before its accelerator
-wraps ``forward`` in ``torch.autocast`` for ``bf16=True``/``fp16=True``: the
-SlimFit graph is then captured and trained in that precision.
-
-:func:`compile_in_place` gives the model an instance-level ``forward`` that
-runs the SlimFit graph in training mode and the original ``forward`` otherwise
-(evaluation and ``no_grad``).  Parameters,
-``state_dict`` keys, ``config`` and ``save_pretrained`` are untouched;
-:func:`uncompile` removes it.
+Takes the Trainer's model and optimizer.  Gives ``SlimFitCallback``: a ``Scheduler`` on the optimizer
+(from ``on_train_begin``), ``slimfit/frozen_fraction`` and ``slimfit/predicted_activation_bytes`` in
+every log, its state saved in every optimizer checkpoint and restored on resume; with ``compile=True``
+the model compiled in place (``compile_in_place``) when the Trainer is built, before its accelerator
+wraps ``forward`` for bf16/fp16, so the graph is captured in that precision.
+Never replaces the Trainer's model object (the Trainer keeps using it for signatures, ``config``,
+saving and evaluation) and never compiles unless asked.
 """
 from __future__ import annotations
 
-import functools
 import warnings
-from typing import Any
 
 import torch
 from torch import nn
 
-from ..compiler import SlimFitModule, compile_in_place, uncompile
+from ..compiler import compile_in_place, in_place_module, uncompile
 from ..config import SlimFitConfig
-from ..scheduler import Budget, Ratio, Scheduler
+from ..scheduler import FreezePolicy, Ratio, Scheduler
 
 __all__ = ["SlimFitCallback", "compile_in_place", "uncompile"]
 
@@ -48,7 +33,7 @@ except ImportError:  # transformers is a dependency, but keep the import error r
 def _refuse_late_mixed_precision(model: nn.Module, args) -> None:
     """A callback added after the Trainer was built finds ``model.forward`` already wrapped in the
     accelerator's autocast; compiling in place now would replace that wrapper and train in fp32."""
-    if "_slimfit_module" in model.__dict__:
+    if in_place_module(model) is not None:
         return
     mixed = getattr(args, "bf16", False) or getattr(args, "fp16", False)
     if mixed and "_original_forward" in model.__dict__:
@@ -60,6 +45,7 @@ def _refuse_late_mixed_precision(model: nn.Module, args) -> None:
 
 
 _GROUP_KEY = "slimfit_scheduler"
+DEFAULT_POLICY = Ratio(0.9)
 
 
 def _stash(state_dict: dict, scheduler: Scheduler) -> dict:
@@ -95,10 +81,11 @@ class SlimFitCallback(TrainerCallback):
 
     state_file = "slimfit_scheduler.pt"
 
-    def __init__(self, policy: Ratio | Budget = Ratio(0.9), *, compile: bool = False,
+    def __init__(self, policy: FreezePolicy = DEFAULT_POLICY, *, compile: bool = False,
                  config: SlimFitConfig | None = None, **scheduler_kwargs):
-        if not isinstance(policy, (Ratio, Budget)):
-            raise TypeError(f"policy must be slimfit_fx.Ratio(r) or slimfit_fx.Budget(bytes), got {policy!r}")
+        if not isinstance(policy, FreezePolicy):
+            raise TypeError(f"policy must be slimfit_fx.Ratio(r), slimfit_fx.Budget(bytes) or another "
+                            f"slimfit_fx.FreezePolicy, got {policy!r}")
         self.policy = policy
         self.compile = compile
         self.config = config
@@ -107,6 +94,7 @@ class SlimFitCallback(TrainerCallback):
         self._resume_state: dict | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        """With ``compile``: the Trainer's model compiled in place."""
         # Compiled before the Trainer's accelerator wraps ``model.forward`` for bf16/fp16 (in
         # torch.autocast): the SlimFit forward then runs inside that autocast and its graph is
         # captured in the Trainer's precision.
@@ -115,6 +103,7 @@ class SlimFitCallback(TrainerCallback):
         return control
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """The scheduler attached to the Trainer's optimizer, its state restored when training resumes."""
         if model is None or optimizer is None:
             raise RuntimeError("SlimFitCallback needs the Trainer's model and optimizer at on_train_begin")
         if self.scheduler is not None:
@@ -164,13 +153,11 @@ class SlimFitCallback(TrainerCallback):
         return out
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """``metrics()`` added to the log and to the Trainer's log history."""
         extra = self.metrics()
         if logs is not None:
             logs.update(extra)
         # The Trainer appended its copy of these logs to the history just before calling us.
         if state.log_history and extra:
             state.log_history[-1].update(extra)
-        return control
-
-    def on_train_end(self, args, state, control, **kwargs):
         return control

@@ -32,6 +32,7 @@ def triton_kernels():
 
 @torch.library.custom_op("slimfit::quantize_minmax", mutates_args=())
 def quantize_minmax(x: Tensor, bits: int, group_size: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(codes, scale, lo)`` of ``x`` in per-group min/max ``bits``-bit codes (``seed`` < 0: round to nearest)."""
     return reference.quantize_minmax(x, bits, group_size, seed)
 
 
@@ -46,6 +47,7 @@ def _(x, bits, group_size, seed):
 @torch.library.custom_op("slimfit::dequantize_minmax", mutates_args=())
 def dequantize_minmax(codes: Tensor, scale: Tensor, lo: Tensor, bits: int, group_size: int, numel: int,
                       dtype: torch.dtype) -> Tensor:
+    """The ``numel`` values ``quantize_minmax`` coded, flat, in ``dtype``."""
     return reference.dequantize_minmax(codes, scale, lo, bits, group_size, numel, dtype)
 
 
@@ -57,6 +59,7 @@ def _(codes, scale, lo, bits, group_size, numel, dtype):
 @torch.library.custom_op("slimfit::dequantize_gelu_backward", mutates_args=())
 def dequantize_gelu_backward(grad: Tensor, codes: Tensor, scale: Tensor, lo: Tensor, bits: int, group_size: int,
                              approximate: str) -> Tensor:
+    """GELU's input gradient at the coded input: ``grad * gelu'(dequantized x)``."""
     return reference.dequantize_gelu_backward(grad, codes, scale, lo, bits, group_size, approximate)
 
 
@@ -67,6 +70,7 @@ def _(grad, codes, scale, lo, bits, group_size, approximate):
 
 @torch.library.custom_op("slimfit::pack_bits", mutates_args=())
 def pack_bits(mask: Tensor) -> Tensor:
+    """A boolean (or 0/1) mask packed eight elements a byte."""
     return reference.pack_bits(mask)
 
 
@@ -77,6 +81,7 @@ def _(mask):
 
 @torch.library.custom_op("slimfit::unpack_bits", mutates_args=())
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """The first ``numel`` elements of a ``pack_bits`` mask, as a flat boolean tensor."""
     return reference.unpack_bits(packed, numel)
 
 

@@ -1,8 +1,7 @@
 """Reference implementations of the saved-activation formats, in plain torch ops.
 
 The ground truth every other implementation is tested against, and the CPU
-kernels (measured fastest there: one vectorised op per step beats inductor-compiled
-C++ once compile time counts).  Any device, any floating input dtype but float64.
+kernels.  Any device, any floating input dtype but float64.
 
 Per-group min/max (``quantize_minmax``): the flattened input is cut into groups of
 ``group_size`` consecutive elements (the last may be shorter).  Per group, in fp32:

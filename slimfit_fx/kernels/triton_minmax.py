@@ -122,6 +122,7 @@ def supports(bits: int, group_size: int) -> bool:
 
 
 def quantize(x: torch.Tensor, bits: int, group_size: int, seed: int) -> tuple:
+    """``library.quantize_minmax`` on CUDA: one kernel launch."""
     flat = x.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
@@ -135,6 +136,7 @@ def quantize(x: torch.Tensor, bits: int, group_size: int, seed: int) -> tuple:
 
 
 def dequantize(codes, scale, lo, bits: int, group_size: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """``library.dequantize_minmax`` on CUDA: one kernel launch."""
     out = torch.empty(numel, dtype=dtype, device=codes.device)
     if numel:
         _dequantize_kernel[(triton.cdiv(numel, _BLOCK),)](codes, scale, lo, out, numel, G=group_size, BITS=bits,
@@ -143,6 +145,7 @@ def dequantize(codes, scale, lo, bits: int, group_size: int, numel: int, dtype: 
 
 
 def dequantize_gelu_backward(grad, codes, scale, lo, bits: int, group_size: int, approximate: str) -> torch.Tensor:
+    """``library.dequantize_gelu_backward`` on CUDA: one kernel launch, the input never materialised."""
     flat = grad.reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()

@@ -1,23 +1,12 @@
 """Attention core that keeps Q, K, V and the softmax output quantized.
 
-Forward, without dropout: the output is ``scaled_dot_product_attention`` itself,
-bit-identical to eager on every kernel; the softmax output P is computed once more
-from Q and K to be kept.  With dropout: SDPA's math kernel written out (CPU eager
-runs exactly these ops, so the output is bit-identical there), which yields P
-without a second pass and drops it out with a mask that is kept as bits or replayed
-(``ops.dropout.keep_mask``), never as a tensor.  Kept for backward: Q and K (for
-each other's gradient), V, P in their formats, and the dropout mask's bits or RNG
-state.  Softmax and its backward run in fp32 for bf16/fp16 inputs, as the kernels do.
-
-Backward, with P_d = dropout(P):
-  dV = P_d^T dO;  dP_d = dO V^T;  dP = dropout'(dP_d);
-  dS = P * (dP - rowsum(dP * P));  dQ = dS K * scale;  dK = dS^T Q * scale.
-P's rows are renormalised to sum to one first (quantized rows do not), so the rows of
-dS sum to zero as softmax's gradient must: what softmax is blind to (a key bias) gets
-no spurious gradient.  Each tensor is kept only when a gradient that needs it is due:
-Q for dK, K for dQ, V and P for any (``analysis._sdpa_quantized`` prices the same).  An additive
-mask that trains (a relative-position bias) gets the scores' gradient dS, summed over the
-dimensions it was broadcast along; it is never kept itself.
+Takes SDPA's arguments (a mask may be boolean or additive, and may train) and the formats; gives
+SDPA's output bit for bit (without dropout SDPA itself; with dropout the math kernel written out,
+which is what CPU eager runs).  Keeps, each only while a gradient that needs it is due, Q (for dK),
+K (for dQ), V and the softmax output P in their formats, and a dropout mask as bits or RNG state
+(``ops.dropout.keep_mask``).  Softmax and its backward run in fp32 for bf16/fp16 inputs, as the
+kernels do.  Never keeps a mask that trains: its gradient is the scores' (``op_table``'s SDPA rule
+prices all this).
 """
 from __future__ import annotations
 
@@ -26,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import _saved
+from . import saved
 from .dropout import keep_mask, mask_from
 
 
@@ -62,7 +51,7 @@ def _math_attention(q, k, v, mask, p, is_causal, scale, mode, p_fmt):
     before the dropout mask exists, so the quantizer's temporaries never meet it."""
     heads = q.shape[-3]
     probs = torch.ops.aten._safe_softmax(_scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1)
-    kept_probs = _saved.keep(probs, p_fmt)
+    kept_probs = saved.keep(probs, p_fmt)
     dropped, kept = keep_mask(probs, p, mode)
     out = dropped @ _repeat_kv(v, heads).to(probs.dtype)
     return out.to(q.dtype), kept_probs, kept
@@ -73,13 +62,13 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, qk_fmt, v_fmt, p_fmt, mask_mode):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         heads = q.shape[-3]
-        qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
+        qk, vf, pf = (saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
         if dropout_p > 0:
             out, kept_probs, kept = _math_attention(q, k, v, mask, dropout_p, is_causal, scale, mask_mode, pf)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                                  enable_gqa=enable_gqa)
-            kept_probs = _saved.keep(torch.ops.aten._safe_softmax(
+            kept_probs = saved.keep(torch.ops.aten._safe_softmax(
                 _scores(q, _repeat_kv(k, heads), mask, is_causal, scale, q.dtype), -1), pf)
             kept = None
         need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
@@ -89,11 +78,11 @@ class _Attention(torch.autograd.Function):
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         acc = _accumulate_dtype(q.dtype)
         ctx.probs_meta = ((*q.shape[:-1], k.shape[-2]), acc, q.device)
-        _saved.save(
+        saved.save(
             ctx,
-            _saved.keep(q, qk) if need_k else None,
-            _saved.keep(k, qk) if need_q else None,
-            _saved.keep(v, vf) if (need_q or need_k or need_mask) else None,
+            saved.keep(q, qk) if need_k else None,
+            saved.keep(k, qk) if need_q else None,
+            saved.keep(v, vf) if (need_q or need_k or need_mask) else None,
             kept_probs,
             kept,
         )
@@ -101,7 +90,11 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs, kept = _saved.load(ctx)
+        # With P_d = dropout(P): dV = P_d^T dO; dP_d = dO V^T; dP = dropout'(dP_d);
+        # dS = P * (dP - rowsum(dP * P)); dQ = dS K * scale; dK = dS^T Q * scale.  P's rows are
+        # renormalised first (quantized rows do not sum to one) so that dS's rows sum to zero, as
+        # softmax's gradient must: what softmax is blind to (a key bias) gets no spurious gradient.
+        q, k, v, probs, kept = saved.load(ctx)
         need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
         shape, acc, device = ctx.probs_meta
         grad, probs = grad.to(acc), probs.to(acc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _saved
+from . import saved
 
 
 def _scores(q, k, scaling, softcap):
@@ -26,16 +26,16 @@ class _EagerAttention(torch.autograd.Function):
         s = _scores(q, k, scaling, softcap)
         probs = torch.softmax(s if mask is None else s + mask, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v)
-        qk, vf, pf = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
+        qk, vf, pf = (saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, p_fmt))
         scores_grad = q.requires_grad or k.requires_grad
         ctx.scaling, ctx.softcap, ctx.dtypes = scaling, softcap, (q.dtype, k.dtype, v.dtype)
-        _saved.save(ctx, _saved.keep(q, qk) if scores_grad else None, _saved.keep(k, qk) if scores_grad else None,
-                    _saved.keep(v, vf) if scores_grad else None, _saved.keep(probs, pf))
+        saved.save(ctx, saved.keep(q, qk) if scores_grad else None, saved.keep(k, qk) if scores_grad else None,
+                    saved.keep(v, vf) if scores_grad else None, saved.keep(probs, pf))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, probs = _saved.load(ctx)
+        q, k, v, probs = saved.load(ctx)
         grad, probs = grad.float(), probs.float()
         probs = probs / probs.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         dv = dq = dk = None

@@ -1,14 +1,12 @@
 """Attention on PyTorch's fused kernels that keeps Q, K, V and the output quantized.
 
-The forward calls the very kernel eager ``scaled_dot_product_attention`` picks for these inputs
-(flash-for-CPU on the CPU; flash or memory-efficient on CUDA), so its output is bit for bit
-eager's.  Kept for backward: Q, K, V in their formats, the output in ``o_fmt``, the kernel's
-per-row log-sum-exp (and, on CUDA, its RNG state), and the mask as it was given (a boolean mask
-stays boolean, one storage for every layer).  No ``S x S`` tensor is kept at any sequence
-length.  The backward runs the same kernel's backward on the dequantized tensors.
-
-No dropout and no mask gradient: ``analysis.attention_choice`` sends those elsewhere.  The CUDA
-branches follow what SDPA hands those kernels; only the CPU's has run (tests/test_decoder_ops.py).
+Takes SDPA's arguments without dropout, the kernel to drive (``attention_kernels.kernel_for``:
+flash-for-CPU on the CPU, flash or memory-efficient on CUDA) and the formats; gives that kernel's
+output, bit for bit eager's.  Keeps Q, K, V and the output in their formats, the per-row
+log-sum-exp (and on CUDA the kernel's RNG state) and the mask as given; its backward is the same
+kernel's, on the dequantized tensors.  Never keeps an ``S x S`` tensor; never takes dropout or a
+mask that trains (``op_table.attention_choice`` sends those elsewhere).  Only the CPU branch has
+run (tests/test_decoder_ops.py); the CUDA ones follow what SDPA hands those kernels.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import math
 
 import torch
 
-from . import _saved
+from . import saved
 
 aten = torch.ops.aten
 
@@ -81,30 +79,20 @@ class _FusedAttention(torch.autograd.Function):
         ctx.args = (backend, is_causal, scale, [(isinstance(t, torch.Tensor), t) for t in extras])
         ctx.args = ctx.args[:3] + ([(is_t, None if is_t else t) for is_t, t in ctx.args[3]],)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype, out.dtype)
-        qk, vf, of = (_saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, o_fmt))
-        _saved.save(ctx, _saved.keep(q, qk), _saved.keep(k, qk), _saved.keep(v, vf), _saved.keep(out, of), lse,
+        qk, vf, of = (saved.fmt_from_args(a) for a in (qk_fmt, v_fmt, o_fmt))
+        saved.save(ctx, saved.keep(q, qk), saved.keep(k, qk), saved.keep(v, vf), saved.keep(out, of), lse,
                     mask, *tensors)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, mask, *tensors = _saved.load(ctx)
+        q, k, v, out, lse, mask, *tensors = saved.load(ctx)
         backend, is_causal, scale, extras = ctx.args
         it = iter(tensors)
         extras = [next(it) if is_tensor else value for is_tensor, value in extras]
         q, k, v, out = (t.to(d) for t, d in zip((q, k, v, out), ctx.dtypes))
         dq, dk, dv = _backward(backend, grad.contiguous(), q, k, v, out, lse, extras, mask, is_causal, scale)
         return dq, dk, dv, None, None, None, None, None, None, None
-
-
-def kernel_for(device_type: str, backend: str, has_mask: bool) -> str | None:
-    """The kernel this op runs for the backend eager SDPA picks, or None where it has none.  The
-    memory-efficient kernel's backward takes its bias as a required tensor: used with a mask only."""
-    if device_type == "cpu" and backend == "flash":
-        return "flash_cpu"
-    if device_type == "cuda" and (backend == "flash" or (backend == "efficient" and has_mask)):
-        return backend
-    return None
 
 
 def attention_fused_quantized(q, k, v, attn_mask=None, is_causal=False, scale=None, backend="flash_cpu",

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _saved
-from ._saved import cast as _cast
+from . import saved
+from .saved import cast as _cast
 
 CHUNK_ELEMENTS = 1 << 22  # logits recomputed per backward chunk: 16 MiB in fp32
 
@@ -32,12 +32,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.x_shape, ctx.dtypes = x.shape, (weight.dtype, None if bias is None else bias.dtype)
         # The mean's divisor as a tensor: reading it on the host would synchronise a GPU every step.
         count = (target != ignore_index).sum().clamp_(min=1).float() if reduction == "mean" else None
-        _saved.save(ctx, x, weight, bias, lse, target, count)
+        saved.save(ctx, x, weight, bias, lse, target, count)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, lse, target, count = _saved.load(ctx)
+        x, weight, bias, lse, target, count = saved.load(ctx)
         w, b = _cast(weight, ctx.dtype), _cast(bias, ctx.dtype)
         rows = _cast(x.reshape(-1, x.shape[-1]), ctx.dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[1:4]

@@ -1,27 +1,21 @@
 """Dropout that keeps its mask as bits, or no mask at all.
 
-Forward draws the very mask eager PyTorch draws (same RNG calls, same ops), so
-results are identical under the same seed.  What is kept for backward depends on
-the mode (``SlimFitConfig.dropout_mode``):
-
-* ``"bits"``: the mask packed one bit per element (``torch.ops.slimfit.pack_bits``).
-  The CPU's default: drawing a mask there costs as much as a matmul, so it is drawn
-  once (CPU dropout is ``empty_like(x).bernoulli_(1 - p)``, replicated here).
-* ``"replay"``: the RNG state of the call; backward restores it and draws the mask
-  again with ``dropout(ones)``.  The accelerators' default (a seed and an offset,
-  16 bytes on CUDA; 5,056 on the CPU).
-
-``keep_mask``/``mask_from`` are shared with the attention core, which drops out its
-softmax output the same way.
+Takes ``aten.dropout``'s arguments and a mode (``SlimFitConfig.dropout_mode``); draws the very
+mask eager draws (same RNG calls, same ops), so results are eager's under the same seed.  Keeps,
+by mode: ``"bits"`` the mask one bit per element (CPU dropout, ``empty_like(x).bernoulli_(1 - p)``,
+replicated and drawn once); ``"replay"`` the RNG state, from which backward draws the mask again
+(``quant.mask_nbytes`` prices both).  ``keep_mask``/``mask_from`` serve the attention core too.
+Never moves the global random stream away from eager's (a replay restores it).
 """
 from __future__ import annotations
 
 import torch
 
-from . import _saved
+from . import saved
 
 
 def rng_state(device: torch.device) -> torch.Tensor:
+    """The state of the generator dropout draws from on ``device``: what ``replay_mask`` restores."""
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state()
@@ -92,12 +86,12 @@ class _Dropout(torch.autograd.Function):
     def forward(ctx, x, p, mode):
         out, kept = keep_mask(x, p, mode)
         ctx.p, ctx.mode, ctx.shape, ctx.dtype, ctx.device = p, mode, x.shape, x.dtype, x.device
-        _saved.save(ctx, kept)
+        saved.save(ctx, kept)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (kept,) = _saved.load(ctx)
+        (kept,) = saved.load(ctx)
         return grad * mask_from(kept, ctx.mode, ctx.shape, ctx.dtype, ctx.device, ctx.p), None, None
 
 

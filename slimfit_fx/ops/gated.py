@@ -1,27 +1,19 @@
-"""Freeze-gated Linear and Conv.
+"""Freeze-gated Linear and Conv: the input is kept only while the weight trains.
 
-The gate is the weight's ``requires_grad`` at forward time: a frozen weight
-keeps no input and computes no weight gradient, yet the gradient still flows
-to the input.  Read at run time, so the frozen set may change every step
-without re-capturing.  A Linear may keep its input quantized (the paper's int8
-FFN-out input) while it trains.
-
-``dtype``: the compute dtype under autocast.  The op takes the parameter itself,
-casts weight and bias to ``dtype`` in forward (as autocast would) and again in
-backward, so the low-precision weight copy eager autocast keeps for the input's
-gradient is never kept; gradients reach the parameters in their own dtype.
-
-Embedding (and a plain Linear outside autocast) need no rewrite: their autograd
-formulas already keep the indices/input only for the weight gradient (checked
-against autograd in tests/test_op_table.py).
+Takes the op's arguments and, under autocast, the compute ``dtype``; gives the op's result.  The
+gate is ``weight.requires_grad`` when the op runs, so the frozen set may change every step: a
+frozen weight keeps no input and gets no gradient, while the input's gradient still flows.  A
+Linear may keep its input quantized while it trains.  With ``dtype`` the op takes the parameter
+itself and casts it in forward and again in backward: never keeps autocast's low-precision copy.
+(Embedding, and a plain Linear outside autocast, need no gate: tests/test_op_table.py.)
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from . import _saved
-from ._saved import cast as _cast
+from . import saved
+from .saved import cast as _cast
 
 
 class _Linear(torch.autograd.Function):
@@ -29,13 +21,13 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, fmt_args, dtype):
         ctx.has_bias, ctx.dtype = bias is not None, dtype
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        keep_x = _saved.keep(x, _saved.fmt_from_args(fmt_args)) if weight.requires_grad else None
-        _saved.save(ctx, keep_x, weight if x.requires_grad else None)
+        keep_x = saved.keep(x, saved.fmt_from_args(fmt_args)) if weight.requires_grad else None
+        saved.save(ctx, keep_x, weight if x.requires_grad else None)
         return F.linear(x, _cast(weight, dtype), _cast(bias, dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = _saved.load(ctx)
+        x, weight = saved.load(ctx)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = grad @ _cast(weight, ctx.dtype)
@@ -69,13 +61,13 @@ class _Conv(torch.autograd.Function):
         ctx.has_bias, ctx.dtype = bias is not None, dtype
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         ctx.x_shape, ctx.w_shape = x.shape, weight.shape
-        _saved.save(ctx, x if weight.requires_grad else None, weight if x.requires_grad else None)
+        saved.save(ctx, x if weight.requires_grad else None, weight if x.requires_grad else None)
         return _CONV[weight.dim() - 2](x, _cast(weight, dtype), _cast(bias, dtype), stride, padding, dilation,
                                        groups)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = _saved.load(ctx)
+        x, weight = saved.load(ctx)
         stride, padding, dilation, groups = ctx.conf
         grad_input, grad_weight = _CONV_GRADS[len(ctx.w_shape) - 2]
         gx = gw = gb = None

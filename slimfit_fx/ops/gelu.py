@@ -1,17 +1,16 @@
 """GELU that keeps a quantized copy of its input (4 bits by default).
 
-The forward is ``torch.nn.functional.gelu`` itself (exact); backward applies
-the exact GELU derivative at the dequantized input: one fused kernel for the
-min/max format (``torch.ops.slimfit.dequantize_gelu_backward``: dequantize,
-derivative and incoming gradient in one pass), ATen's ``gelu_backward`` on the
-dequantized input otherwise.
+Takes the input, the approximation and a format; gives ``torch.nn.functional.gelu`` itself.
+Backward applies GELU's derivative at the dequantized input: one fused kernel for the min/max
+format (``torch.ops.slimfit.dequantize_gelu_backward``), ATen's ``gelu_backward`` otherwise.  The
+tanh GELU spelled out in ops (GPT-2's ``gelu_new``) runs those very ops forward.
 """
 from __future__ import annotations
 
 import torch
 
 from ..quant import Quantized, dequantize
-from . import _saved
+from . import saved
 
 
 def _gelu_backward(grad, q, approximate: str):
@@ -27,16 +26,17 @@ class _Gelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, approximate, fmt_args):
         ctx.approximate = approximate
-        _saved.save(ctx, _saved.keep(x, _saved.fmt_from_args(fmt_args)))
+        saved.save(ctx, saved.keep(x, saved.fmt_from_args(fmt_args)))
         return torch.nn.functional.gelu(x, approximate=approximate)
 
     @staticmethod
     def backward(ctx, grad):
-        (q,) = _saved.load(ctx, dequantized=False)
+        (q,) = saved.load(ctx, dequantized=False)
         return _gelu_backward(grad, q, ctx.approximate), None, None
 
 
 def gelu_quantized(x: torch.Tensor, approximate: str = "none", fmt_args: tuple | None = None) -> torch.Tensor:
+    """``gelu(x, approximate)`` keeping its input in the format ``fmt_args`` (``saved.fmt_to_args``)."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return torch.nn.functional.gelu(x, approximate=approximate)
     return _Gelu.apply(x, approximate, fmt_args)
@@ -45,12 +45,12 @@ def gelu_quantized(x: torch.Tensor, approximate: str = "none", fmt_args: tuple |
 class _TanhGelu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, c_half, c_cubic, c_sqrt, fmt_args):
-        _saved.save(ctx, _saved.keep(x, _saved.fmt_from_args(fmt_args)))
+        saved.save(ctx, saved.keep(x, saved.fmt_from_args(fmt_args)))
         return _tanh_gelu_ops(x, c_half, c_cubic, c_sqrt)
 
     @staticmethod
     def backward(ctx, grad):
-        (q,) = _saved.load(ctx, dequantized=False)
+        (q,) = saved.load(ctx, dequantized=False)
         return _gelu_backward(grad, q, "tanh"), None, None, None, None
 
 

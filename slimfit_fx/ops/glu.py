@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _saved
+from . import saved
 
 
 def _act(x, act, approximate):
@@ -31,14 +31,14 @@ class _GLU(torch.autograd.Function):
     def forward(ctx, gate, up, act, approximate, gate_fmt, up_fmt):
         ctx.act, ctx.approximate = act, approximate
         out = _act(gate, act, approximate) * up
-        kept_up = _saved.keep(up, _saved.fmt_from_args(up_fmt)) if gate.requires_grad else None
-        _saved.save(ctx, _saved.keep(gate, _saved.fmt_from_args(gate_fmt)), kept_up)
+        kept_up = saved.keep(up, saved.fmt_from_args(up_fmt)) if gate.requires_grad else None
+        saved.save(ctx, saved.keep(gate, saved.fmt_from_args(gate_fmt)), kept_up)
         ctx.dtypes = (gate.dtype, up.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        gate, up = _saved.load(ctx)
+        gate, up = saved.load(ctx)
         g_gate = g_up = None
         if ctx.needs_input_grad[1]:
             g_up = (grad * _act(gate.to(ctx.dtypes[0]), ctx.act, ctx.approximate)).to(ctx.dtypes[1])
@@ -48,7 +48,7 @@ class _GLU(torch.autograd.Function):
 
 
 def glu(gate, up, act="silu", approximate="none", gate_fmt=None, up_fmt=None):
-    """``act(gate) * up``; formats are ``QuantFormat`` tuples (``ops._saved.fmt_to_args``)."""
+    """``act(gate) * up``; formats are ``QuantFormat`` tuples (``ops.saved.fmt_to_args``)."""
     if not (torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad)):
         return _act(gate, act, approximate) * up
     return _GLU.apply(gate, up, act, approximate, gate_fmt, up_fmt)

@@ -1,16 +1,10 @@
 """LayerNorm that keeps a pruned copy of its normalized input while its weight is frozen.
 
-Trainable weight: the forward and the kept tensors are eager PyTorch's
-(input, per-row mean and 1/sigma), and the backward is ATen's.
-Frozen weight, input needing grad: keep per row the top ``keep_ratio`` of |x_hat| (values and int16
-column indices, int32 past 32,767 columns) plus 1/sigma, where
-x_hat = (x - mean) / sigma.  The kept set is chosen on |x - mean| (the same order, one pass fewer)
-and x_hat is formed at the kept entries only; ties at the k-th value are broken as ``torch.topk``
-breaks them.  Backward uses
-grad_x = (1/sigma) * (g*w - mean(g*w) - x_hat * mean(g*w*x_hat)) with x_hat zero off the kept
-entries, so the last term is a scatter of k values per row; the bias, which always trains, gets sum(g).  Frozen weight and an input that
-needs no grad (e.g. above frozen embeddings): keep nothing, only sum(g) is due.
-The choice is read at run time, so the frozen set can change every step.
+Takes ``aten.layer_norm``'s arguments, a keep ratio and, under autocast, a dtype; gives
+``native_layer_norm``'s output.  Keeps, read when it runs: with a trainable weight what eager keeps
+(input, per-row mean and 1/sigma, ATen's backward); with a frozen weight and an input that needs
+grad, the top ``keep_ratio`` of |x_hat| per row (values and ``quant.pruned_index_dtype`` column
+indices, ``quant.keep_count`` of them) plus 1/sigma; with neither, nothing (the bias gets sum(g)).
 """
 from __future__ import annotations
 
@@ -18,13 +12,9 @@ import math
 
 import torch
 
-from . import _saved
-from ._saved import cast as _cast
-
-
-def keep_count(row: int, keep_ratio: float) -> int:
-    """Values kept per row; the analysis prices the same count."""
-    return max(1, math.ceil(keep_ratio * row))
+from ..quant import keep_count, pruned_index_dtype
+from . import saved
+from .saved import cast as _cast
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -38,17 +28,17 @@ class _LayerNorm(torch.autograd.Function):
         ctx.mode = "full" if not weight_frozen else ("pruned" if x.requires_grad else "bias_only")
         ctx.x_shape, ctx.row = x.shape, math.prod(normalized_shape)
         if ctx.mode == "bias_only":
-            _saved.save(ctx)  # the bias gradient is sum(g): nothing to keep
+            saved.save(ctx)  # the bias gradient is sum(g): nothing to keep
         elif ctx.mode == "pruned":
             row = math.prod(normalized_shape)
             rows, mean = x.reshape(-1, row), mean.reshape(-1, 1)
             # 1/sigma > 0 per row: the top |x - mean| are the top |x_hat|, and x_hat is made for those only
             index = (rows - mean).abs_().topk(keep_count(row, keep_ratio), dim=-1, sorted=False).indices
             values = ((rows.gather(-1, index) - mean) * rstd.reshape(-1, 1)).to(x.dtype)
-            index = index.to(torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32)
-            _saved.save(ctx, values, index, rstd, weight)
+            index = index.to(pruned_index_dtype(row))
+            saved.save(ctx, values, index, rstd, weight)
         else:
-            _saved.save(ctx, x, mean, rstd, weight, bias)
+            saved.save(ctx, x, mean, rstd, weight, bias)
         return out
 
     @staticmethod
@@ -58,12 +48,15 @@ class _LayerNorm(torch.autograd.Function):
         if ctx.mode == "bias_only":
             return None, None, gb, None, None, None, None
         if ctx.mode == "full":
-            x, mean, rstd, weight, bias = _saved.load(ctx)
+            x, mean, rstd, weight, bias = saved.load(ctx)
             mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
                 grad, x, ctx.normalized_shape, mean, rstd, _cast(weight, ctx.dtype), _cast(bias, ctx.dtype), mask)
             return gx, _cast(gw, ctx.dtypes[0]), _cast(gb, ctx.dtypes[1]), None, None, None, None
-        values, index, rstd, weight = _saved.load(ctx)
+        # Frozen weight: grad_x = (1/sigma) * (g*w - mean(g*w) - x_hat * mean(g*w*x_hat)), x_hat zero off
+        # the kept entries, so the last term is a scatter of k values per row.  The kept set was chosen
+        # on |x - mean| (the same order as |x_hat|, one pass fewer); ties break as torch.topk breaks them.
+        values, index, rstd, weight = saved.load(ctx)
         acc = torch.promote_types(grad.dtype, torch.float32)
         g = grad.reshape(-1, ctx.row).to(acc)
         gw = g * _cast(weight, ctx.dtype).reshape(1, -1).to(acc) if weight is not None else g.clone()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _saved
 from ..kernels import library  # noqa: F401  (registers torch.ops.slimfit.pack_bits)
+from . import saved
 
 
 class _ReLU(torch.autograd.Function):
@@ -15,12 +15,12 @@ class _ReLU(torch.autograd.Function):
     def forward(ctx, x):
         out = torch.relu(x)
         ctx.shape = out.shape
-        _saved.save(ctx, torch.ops.slimfit.pack_bits(out > 0))
+        saved.save(ctx, torch.ops.slimfit.pack_bits(out > 0))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (bits,) = _saved.load(ctx)
+        (bits,) = saved.load(ctx)
         positive = torch.ops.slimfit.unpack_bits(bits, grad.numel()).view(ctx.shape)
         return grad * positive
 

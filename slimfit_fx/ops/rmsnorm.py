@@ -1,23 +1,18 @@
 """RMSNorm that keeps a pruned or quantized normalized input instead of the input.
 
-``y = x * rsqrt(mean(x^2) + eps)`` per row, then ``w * y.to(y_dtype)`` (LLaMA, Qwen, Mistral,
-Phi3) or, with ``offset``, ``y * (w.to(w_dtype) + offset)`` (Gemma's ``1 + w``).  The forward runs
-the very ops eager PyTorch runs, so its result is bit for bit the same.
-
-Kept for backward (read at run time, so the frozen set may change every step), besides 1/rms per
-row whenever ``x`` needs grad:
-
-* weight trains: ``y`` in ``fmt`` (quantized), which serves both gradients;
-* weight frozen, ``prune``: the top ``keep_ratio`` of ``|y|`` per row (values and int16/int32
-  column indices): grad_x = r * (g_y - y * mean(g_y * y)) needs ``y`` only in that last term;
-* weight frozen, no ``prune``: ``y`` in ``fmt``.
+Takes ``x``, the weight and the form: ``y = x * rsqrt(mean(x^2) + eps)`` per row, then
+``w * y.to(y_dtype)`` (LLaMA, Qwen, Mistral, Phi3) or ``y * (w.to(w_dtype) + offset)`` (Gemma's
+``1 + w``); gives what those very ops give.  Keeps, read when it runs, 1/rms per row while ``x``
+needs grad and: ``y`` in ``fmt`` while the weight trains (it serves both gradients); with a frozen
+weight and ``prune``, the top ``keep_ratio`` of ``|y|`` per row (values and column indices), since
+grad_x = r * (g_y - y * mean(g_y * y)) needs ``y`` only in that last term; else ``y`` in ``fmt``.
 """
 from __future__ import annotations
 
 import torch
 
-from . import _saved
-from .layernorm import keep_count
+from ..quant import keep_count, pruned_index_dtype
+from . import saved
 
 
 def _normalize(x, eps):
@@ -36,7 +31,7 @@ def _top(y: torch.Tensor, keep_ratio: float):
     rows = y.reshape(-1, row)
     index = rows.abs().topk(keep_count(row, keep_ratio), dim=-1, sorted=False).indices
     values = rows.gather(-1, index)
-    return values, index.to(torch.int16 if row <= torch.iinfo(torch.int16).max else torch.int32)
+    return values, index.to(pruned_index_dtype(row))
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -50,14 +45,14 @@ class _RMSNorm(torch.autograd.Function):
         kept_rstd = rstd if x.requires_grad else None
         if ctx.pruned:
             values, index = _top(y, keep_ratio)
-            _saved.save(ctx, None, values, index, kept_rstd, weight)
+            saved.save(ctx, None, values, index, kept_rstd, weight)
         else:
-            _saved.save(ctx, _saved.keep(y, _saved.fmt_from_args(fmt)), None, None, kept_rstd, weight)
+            saved.save(ctx, saved.keep(y, saved.fmt_from_args(fmt)), None, None, kept_rstd, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        y, values, index, rstd, weight = _saved.load(ctx)
+        y, values, index, rstd, weight = saved.load(ctx)
         need_x, need_w = ctx.needs_input_grad[:2]
         gw = None
         if need_w:
@@ -90,7 +85,7 @@ def _weight_grad(grad, y, weight, ctx):
 
 
 def rms_norm(x, weight, eps, offset=None, w_dtype=None, y_dtype=None, prune=True, keep_ratio=0.1, fmt=None):
-    """The RMSNorm above; ``fmt`` is a ``QuantFormat`` as a tuple (``ops._saved.fmt_to_args``)."""
+    """The RMSNorm above; ``fmt`` is a ``QuantFormat`` as a tuple (``ops.saved.fmt_to_args``)."""
     y_dtype = y_dtype or x.dtype
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return _scale(_normalize(x, eps)[0], weight, offset, w_dtype, y_dtype)

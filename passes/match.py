@@ -1,11 +1,16 @@
-"""Helpers shared by the passes: matching ATen nodes and swapping their target."""
+"""Helpers shared by the passes: finding ATen nodes, their parameters, and swapping their target.
+
+Takes a GraphModule the passes rewrite; gives the call nodes of given ops, the parameter behind a
+weight argument, and ``replace_call``, the one way a pass points a node at a runtime op.  Only
+``addmm_as_linear`` and ``replace_call`` change the graph; nothing here measures or prices.
+"""
 from __future__ import annotations
 
 from typing import Callable, Iterator
 
 from torch import fx, nn
 
-from slimfit_fx.analysis import cast_source, op_key
+from slimfit_fx.nodes import cast_source, op_key
 
 
 def nodes_of(gm: fx.GraphModule, *keys: str) -> Iterator[fx.Node]:
@@ -63,8 +68,3 @@ def replace_call(node: fx.Node, target: Callable, args: tuple, kwargs: dict | No
         node.meta.setdefault("slimfit", []).append(note)
     return node
 
-
-def arg(node: fx.Node, i: int, name: str, default=None):
-    if i < len(node.args):
-        return node.args[i]
-    return node.kwargs.get(name, default)

