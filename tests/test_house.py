@@ -86,6 +86,20 @@ def test_no_module_imports_a_private_name_of_another():
     assert not found, "private names imported across modules:\n" + "\n".join(found)
 
 
+def test_every_module_and_public_name_is_documented():
+    """A module docstring is its contract; every public function, class and method says what it does."""
+    missing = [f"{MODULES[m].relative_to(ROOT)}: module docstring" for m, tree in TREES.items()
+               if not ast.get_docstring(tree)]
+    for module, tree in TREES.items():
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            members = [node] + [m for m in node.body if isinstance(node, ast.ClassDef)
+                                and isinstance(m, ast.FunctionDef) and not m.name.startswith("_")]
+            missing += [f"{_where(module, m)} {m.name}" for m in members if not ast.get_docstring(m)]
+    assert not missing, "undocumented:\n" + "\n".join(missing)
+
+
 def _import_graph() -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_nodes_from(MODULES)
