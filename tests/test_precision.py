@@ -1,4 +1,6 @@
 """Mixed precision: bf16 autocast and bf16 models, against the unmodified eager model in the same precision."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,9 @@ from slimfit_fx.measure import saved_bytes
 from slimfit_fx.precision import autocast_state
 
 PRECISIONS = ["bf16-autocast", "bf16-model"]
+# RoBERTa is BERT's graph with other position ids: in low precision it adds nothing BERT does not
+# cover here, and tests/test_families.py checks it in fp32 (CI time).
+PRECISION_FAMILIES = sorted(set(FAMILIES) - {"roberta"})
 
 
 def _setup(name, precision):
@@ -43,6 +48,7 @@ def _grads(model):
     return grads
 
 
+@functools.cache
 def _carrying(name):
     """Parameters whose true gradient is not zero: those carrying >= 1e-6 of the global gradient
     norm in fp32.  In bf16 a true zero (an attention key bias: softmax ignores it) comes out as
@@ -55,7 +61,7 @@ def _carrying(name):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", PRECISION_FAMILIES)
 def test_off_equals_eager_in_the_same_precision(name, precision):
     model, inputs = _setup(name, precision)
     ref = _step(model, inputs, precision)
@@ -71,7 +77,7 @@ def test_off_equals_eager_in_the_same_precision(name, precision):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", PRECISION_FAMILIES)
 def test_default_formats_same_loss_and_close_gradients(name, precision):
     model, inputs = _setup(name, precision)
     ref = _step(model, inputs, precision)
@@ -103,7 +109,7 @@ def test_a_module_used_under_autocast_and_then_without_matches_eager_both_times(
 
 
 @pytest.mark.parametrize("config", [None, SlimFitConfig()], ids=["plain", "slimfit"])
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", PRECISION_FAMILIES)
 def test_analyze_under_autocast_predicts_the_saved_bytes(name, config):
     model, inputs = _setup(name, "fp32")
     with torch.autocast("cpu", dtype=torch.bfloat16):
