@@ -60,17 +60,20 @@ def _carrying(name):
     return {k for k, g in grads.items() if g.norm() >= 1e-6 * total}
 
 
+def _eager_and_compiled(name, precision, config):
+    """(loss, gradients) of one step of the eager model, then of it compiled with ``config``."""
+    model, inputs = _setup(name, precision)
+    eager = _step(model, inputs, precision), _grads(model)
+    slim = slimfit_fx.compile(model, inputs, config)
+    return eager, (_step(slim, inputs, precision), _grads(model))
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", PRECISION_FAMILIES)
 def test_off_equals_eager_in_the_same_precision(name, precision):
-    model, inputs = _setup(name, precision)
-    ref = _step(model, inputs, precision)
-    ref_grads = _grads(model)
-    slim = slimfit_fx.compile(model, inputs, SlimFitConfig.off())
-    loss = _step(slim, inputs, precision)
+    (ref, ref_grads), (loss, grads) = _eager_and_compiled(name, precision, SlimFitConfig.off())
     assert loss.dtype == ref.dtype
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
-    grads = _grads(model)
     for k, g in ref_grads.items():
         assert grads[k].dtype == g.dtype, k
         torch.testing.assert_close(grads[k], g, rtol=0, atol=0, msg=k)
@@ -79,13 +82,8 @@ def test_off_equals_eager_in_the_same_precision(name, precision):
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", PRECISION_FAMILIES)
 def test_default_formats_same_loss_and_close_gradients(name, precision):
-    model, inputs = _setup(name, precision)
-    ref = _step(model, inputs, precision)
-    ref_grads = _grads(model)
-    slim = slimfit_fx.compile(model, inputs, SlimFitConfig())
-    loss = _step(slim, inputs, precision)
+    (ref, ref_grads), (loss, grads) = _eager_and_compiled(name, precision, SlimFitConfig())
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
-    grads = _grads(model)
     cos = {k: F.cosine_similarity(grads[k].flatten().float(), ref_grads[k].flatten().float(), dim=0).item()
            for k in _carrying(name)}
     worst = min(cos, key=cos.get)
