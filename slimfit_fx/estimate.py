@@ -31,7 +31,7 @@ from .models import CAUSAL_LM, DEFAULT_SEQ, SEQ_CLS, ModelError, frozen_layers, 
 from .trace import trace
 
 __all__ = ["PRECISIONS", "DEVICES", "SETTINGS", "CATEGORIES", "EstimateError", "SettingEstimate", "Estimate",
-           "DepthCapture", "estimate", "predict_at_depth", "check_world_size", "plot"]
+           "DepthCapture", "estimate", "predict_at_depth", "check_world_size", "sharded_bytes", "plot"]
 
 # precision -> (dtype of the parameters, autocast dtype or None)
 PRECISIONS: dict[str, tuple[torch.dtype, torch.dtype | None]] = {
@@ -389,7 +389,7 @@ def _filled_ranks(rows: int, world_size: int) -> int:
     return -(-rows // size) if rows else 0
 
 
-def _sharded_bytes(shapes: dict, names: set[str], world_size: int) -> int:
+def sharded_bytes(shapes: dict, names: set[str], world_size: int) -> int:
     """Bytes of the named parameters on FSDP2's fullest rank: each padded to ceil(dim0 / world) rows."""
     total = 0
     for name, (shape, nbytes) in shapes.items():
@@ -408,8 +408,8 @@ def _terms(capture: DepthCapture, setting: str, world_size: int) -> dict[str, in
         "optimizer_state": e.optimizer_state, "static_activations": e.static_activations,
         "dynamic_activations": e.dynamic_activations, "forward": d["forward"], "backward": d["backward"],
         "optimizer": d["optimizer"], "inputs": d["inputs"], "workspaces": d["device_workspaces"],
-        "parameters_sharded": _sharded_bytes(capture.shapes, set(capture.shapes), world_size),
-        "gradients_sharded": _sharded_bytes(capture.shapes, trainable, world_size),
+        "parameters_sharded": sharded_bytes(capture.shapes, set(capture.shapes), world_size),
+        "gradients_sharded": sharded_bytes(capture.shapes, trainable, world_size),
     }
 
 

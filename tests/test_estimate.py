@@ -15,12 +15,12 @@ from slimfit_fx.estimate import (
     SLIM,
     SLIM_CKPT,
     EstimateError,
-    _sharded_bytes,
     check_world_size,
     estimate,
     frozen_per_block,
     plot,
     predict_at_depth,
+    sharded_bytes,
 )
 
 # A LLaMA of 8 small blocks: deep enough that extrapolating from 1 and 2 blocks is a real test.
@@ -98,9 +98,9 @@ def test_world_size_that_leaves_ranks_empty_is_refused_naming_shape_and_fix():
 def test_uneven_shards_are_padded_as_fsdp2_pads_them():
     shapes = {"w": ((5, 4), 5 * 4 * 4), "b": ((2,), 2 * 4)}
     # torch.chunk(5 rows, 4) -> 2, 2, 1 rows; every rank's shard is padded to the first chunk's 2 rows.
-    assert _sharded_bytes(shapes, {"w"}, 4) == 2 * 4 * 4
-    assert _sharded_bytes(shapes, {"w", "b"}, 4) == 2 * 4 * 4 + 1 * 4
-    assert _sharded_bytes(shapes, {"w", "b"}, 1) == 5 * 4 * 4 + 2 * 4
+    assert sharded_bytes(shapes, {"w"}, 4) == 2 * 4 * 4
+    assert sharded_bytes(shapes, {"w", "b"}, 4) == 2 * 4 * 4 + 1 * 4
+    assert sharded_bytes(shapes, {"w", "b"}, 1) == 5 * 4 * 4 + 2 * 4
 
 
 def test_cli_bad_world_size_is_a_command_line_error(capsys):
