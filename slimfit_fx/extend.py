@@ -105,7 +105,6 @@ _PASSES: dict[str, _Entry] = {}
 
 
 def _register(table: dict, kind: str, name: str, fn, after, before, replace: bool):
-    _load_builtins()  # the library's own entries come first, as if registered at import
     if isinstance(after, str) or isinstance(before, str):
         raise ConfigError(f"register_{kind}({name!r}): after/before take a sequence of names, e.g. after=['x']")
 
@@ -135,7 +134,6 @@ def register_pass(name: str, fn: Callable | None = None, *, after=(), before=(),
 
 def unregister(name: str) -> None:
     """Remove a pattern or pass registered under ``name`` (a test's, or one you replace)."""
-    _load_builtins()
     if _PATTERNS.pop(name, None) is None and _PASSES.pop(name, None) is None:
         raise ConfigError(f"unregister({name!r}): no pattern or pass has that name")
 

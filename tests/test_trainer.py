@@ -226,3 +226,18 @@ def test_resume_from_a_checkpoint_without_scheduler_state_warns(tmp_path):
     with pytest.warns(RuntimeWarning, match="holds no SlimFit scheduler state"):
         Trainer(model=_model(), args=args2, train_dataset=_dataset(), callbacks=[cb]).train(
             resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+
+
+def test_the_log_leaves_out_predicted_bytes_for_an_optimizer_the_memory_model_cannot_price():
+    import warnings
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    callback = SlimFitCallback(Ratio(0.5))
+    callback.scheduler = slimfit_fx.Scheduler(model, torch.optim.Adagrad(model.parameters(), lr=0.1), Ratio(0.5))
+    model(torch.randn(3, 4))  # the scheduler keeps the batch shape to price
+    with pytest.warns(UserWarning, match="not logged.*Adagrad"):
+        first = callback.metrics()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every log
+        assert callback.metrics() == first
+    assert set(first) == {"slimfit/frozen_fraction"}

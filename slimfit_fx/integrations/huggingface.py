@@ -20,7 +20,7 @@ from torch import nn
 
 from ..compiler import compile_in_place, in_place_module, uncompile
 from ..config import SlimFitConfig
-from ..scheduler import FreezePolicy, Ratio, Scheduler
+from ..scheduler import FreezePolicy, Ratio, Scheduler, SchedulerError
 
 __all__ = ["SlimFitCallback", "compile_in_place", "uncompile"]
 
@@ -92,6 +92,7 @@ class SlimFitCallback(TrainerCallback):
         self.scheduler_kwargs = scheduler_kwargs
         self.scheduler: Scheduler | None = None
         self._resume_state: dict | None = None
+        self._unpriced_warned = False
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         """With ``compile``: the Trainer's model compiled in place."""
@@ -147,7 +148,13 @@ class SlimFitCallback(TrainerCallback):
         if self.scheduler is None:
             return {}
         out = {"slimfit/frozen_fraction": round(self.scheduler.frozen_fraction, 4)}
-        est = self.scheduler.predicted_bytes()
+        try:
+            est = self.scheduler.predicted_bytes()
+        except SchedulerError as e:  # an optimizer the memory model cannot price (Adafactor): say so once
+            if not self._unpriced_warned:
+                warnings.warn(f"slimfit/predicted_activation_bytes is not logged: {e}", stacklevel=2)
+                self._unpriced_warned = True
+            return out
         if est is not None:
             out["slimfit/predicted_activation_bytes"] = int(est.activations)
         return out
