@@ -22,35 +22,20 @@ from .config import SlimFitConfig
 from .extend import Fusion, find_fusions
 from .nodes import arg, cast_source, has_float_value, hint, numel, op_key, value
 from .op_table import (
-    MASK_ROLES,
-    NON_DIFFERENTIABLE,
     OP_TABLE,
     VIEW_OPS,
     OpContext,
     Rule,
     Save,
-    attention_choice,
-    ffn_input_format,
-    ffn_producer,
     format_for,
-    fused_kernel,
     grad_reachable,
     is_differentiable,
-    is_ffn_hidden,
     match_tanh_gelu,
     returns_input,
-    sdpa_backend,
 )
-from .quant import pruned_layernorm_bytes
 
-__all__ = [
-    "NodeInfo", "SavedUse", "SavedStorage", "GraphAnalysis", "ParameterNames", "analyze_graph", "parameter_names",
-    "classify_nodes", "layer_parameters", "storage_ref",
-    # Re-exported from their new homes (op_table, nodes, quant): the public names this module always gave.
-    "Save", "OpContext", "Rule", "OP_TABLE", "VIEW_OPS", "NON_DIFFERENTIABLE", "MASK_ROLES", "op_key", "cast_source",
-    "match_tanh_gelu", "returns_input", "ffn_producer", "is_ffn_hidden", "ffn_input_format", "format_for",
-    "sdpa_backend", "fused_kernel", "attention_choice", "grad_reachable", "pruned_layernorm_bytes",
-]
+__all__ = ["NodeInfo", "SavedUse", "SavedStorage", "GraphAnalysis", "ParameterNames", "analyze_graph",
+           "parameter_names", "classify_nodes", "layer_parameters", "storage_ref"]
 
 
 def layer_parameters(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[str]:

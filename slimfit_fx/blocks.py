@@ -31,11 +31,13 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from .analysis import grad_reachable, storage_ref
+from .analysis import storage_ref
 from .config import SlimFitConfig
 from .extend import Save, pipeline, register_rule
+from .op_table import grad_reachable
+from .ops import saved
 from .precision import autocast_disabled
-from .quant import Quantized, accepts, dequantize, quantize
+from .quant import accepts
 from .trace import Inputs, call_by_name, hf_eager_mask_decisions, inputs_of, instance_forwards, no_kv_cache, trace
 
 __all__ = ["Captured", "Stack", "Unsupported", "CompactCheckpoint", "find_stacks", "kind_of", "capture"]
@@ -542,24 +544,18 @@ class CompactCheckpoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, hidden: int, fmt, *tensors):
         """``run(*tensors)`` without grad; keeps ``tensors[hidden]`` in ``fmt`` and the others as they are."""
-        ctx.run, ctx.hidden = run, hidden
+        ctx.run = run
         ctx.devices = _cuda_devices(tensors)
         ctx.rng = [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in ctx.devices]
         with torch.no_grad():
             out = run(*tensors)
-        q = quantize(tensors[hidden].detach(), fmt)
-        ctx.qmeta, ctx.count = q.meta, len(q.tensors())
-        ctx.save_for_backward(*q.tensors(), *[t for j, t in enumerate(tensors) if j != hidden])
+        saved.save(ctx, *[saved.keep(t, fmt) if j == hidden else t for j, t in enumerate(tensors)])
         return out
 
     @staticmethod
     def backward(ctx, grad):
         """The block run again with grad from the kept inputs, under the forward's random state."""
-        saved = ctx.saved_tensors
-        others = list(saved[ctx.count:])
-        inputs = others[:ctx.hidden] + [dequantize(Quantized.from_tensors(saved[:ctx.count], ctx.qmeta))] \
-            + others[ctx.hidden:]
-        inputs = [t.detach().requires_grad_(need) for t, need in zip(inputs, ctx.needs_input_grad[3:])]
+        inputs = [t.detach().requires_grad_(need) for t, need in zip(saved.load(ctx), ctx.needs_input_grad[3:])]
         with torch.random.fork_rng(devices=ctx.devices):
             torch.set_rng_state(ctx.rng[0])
             for d, state in zip(ctx.devices, ctx.rng[1:]):

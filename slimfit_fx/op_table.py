@@ -697,7 +697,7 @@ OP_TABLE: dict[str, Rule] = {
     **{k: _no_save for k in _NO_SAVE_OPS},
     "aten.linear": _linear,
     "aten.matmul": _matmul,
-    "aten.addmm": lambda node, ctx: _addmm(node, ctx),
+    "aten.addmm": _addmm,
     "aten.mm": _mm_like(0, 1),
     "aten.bmm": _mm_like(0, 1),
     "aten.baddbmm": _mm_like(1, 2),

@@ -17,6 +17,8 @@ import torch
 from torch import fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .nodes import op_key
+
 __all__ = ["AutocastState", "autocast_state", "autocast_disabled", "autocast_enabled", "materialize_autocast",
            "PrecisionError", "describe"]
 
@@ -80,10 +82,6 @@ _NEVER_CAST = {
     # Casts and metadata checks the model wrote itself: autocast does not touch them.
     "aten._to_copy", "aten.to", "aten._assert_tensor_metadata", "aten.type_as", "aten.detach", "aten.alias",
 }
-
-
-def _op_key(target) -> str:
-    return target.name().split(".")[0].replace("::", ".")
 
 
 def _tensors(value) -> list[torch.Tensor]:
@@ -160,7 +158,7 @@ def _autocast_casts(node: fx.Node, fake_mode, state: AutocastState) -> dict[int,
     if out == recorded:
         return {}
     raise PrecisionError(
-        f"{node.name} ({_op_key(node.target)}) was recorded as {recorded} under {describe(state)}, which neither "
+        f"{node.name} ({op_key(node.target)}) was recorded as {recorded} under {describe(state)}, which neither "
         "autocast nor the op alone reproduces; capture the model without autocast (or cast the model: "
         "model.to(dtype))")
 
@@ -186,7 +184,7 @@ def materialize_autocast(gm: fx.GraphModule, state: AutocastState) -> fx.GraphMo
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        if _op_key(node.target) in _NEVER_CAST:
+        if op_key(node.target) in _NEVER_CAST:
             continue
         casts = _autocast_casts(node, fake_mode, state)
         if casts:

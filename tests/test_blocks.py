@@ -161,6 +161,7 @@ def test_checkpointing_with_exact_inputs_changes_nothing(name):
 def test_checkpointing_with_int8_inputs_keeps_the_formats_tolerance(name):
     (l0, g0, m0), (l1, g1, m1) = _checkpoint_runs(name, SlimFitConfig())
     assert torch.equal(l0, l1)  # the first forward is exact; only the recompute sees int8 inputs
+    assert any(not torch.equal(g0[k], g1[k]) for k in g0)  # the recompute did read int8 inputs
     total = torch.stack([g.norm() for g in g0.values()]).norm()
     for k, g in g0.items():
         if g.norm() >= 1e-6 * total:

@@ -8,7 +8,6 @@ from torch import nn
 
 import slimfit_fx
 from slimfit_fx import ConfigError, SlimFitConfig
-from slimfit_fx.analysis import op_key
 from slimfit_fx.extend import (
     Fusion,
     Save,
@@ -20,6 +19,7 @@ from slimfit_fx.extend import (
     unregister,
 )
 from slimfit_fx.measure import saved_bytes
+from slimfit_fx.nodes import op_key
 
 
 class ScaleNorm(nn.Module):
@@ -170,7 +170,7 @@ def test_a_registered_rule_prices_a_custom_op():
         with pytest.raises(ConfigError, match="replace=True"):
             register_rule("slimfit_test.softsign", lambda node, ctx: [])
     finally:
-        from slimfit_fx.analysis import OP_TABLE
+        from slimfit_fx.op_table import OP_TABLE
 
         OP_TABLE.pop("slimfit_test.softsign")
 

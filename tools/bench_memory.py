@@ -306,10 +306,10 @@ class SlimFitCheckpoint(SlimFit):
     def setup(self):
         """As SlimFit.setup; the note says how many blocks are recomputed."""
         super().setup()
-        recomputed = self.module.graph_module.meta.get("slimfit_recomputed", [])
+        meta = self.module.graph_module.meta
+        recomputed, blocks = meta.get("slimfit_recomputed", []), sum(n for _, n in meta.get("slimfit_blocks", []))
         args = self.bench.args
-        self.row["note"] = (f"checkpoint={args.checkpoint}: {len(recomputed)} of "
-                            f"{sum(n for _, n in self.module.graph_module.meta['slimfit_blocks'])} blocks recomputed, "
+        self.row["note"] = (f"checkpoint={args.checkpoint}: {len(recomputed)} of {blocks} blocks recomputed, "
                             f"their inputs kept {args.checkpoint_input}")
 
 
